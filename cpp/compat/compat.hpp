@@ -1,0 +1,55 @@
+// The thin per-fork layer: every call whose name, signature or struct differs between llama.cpp
+// forks goes through here. engine.cpp and bindings.cpp are fork-neutral.
+// One implementation per fork: compat/upstream.cpp (llama.cpp, turboquant).
+#pragma once
+
+#include "engine_api.hpp"
+
+struct llama_batch;
+
+namespace PYLOCALAI_ENGINE_NS {
+namespace compat {
+
+void backend_init();
+llama_model * load_model(const ModelParams & params);
+void free_model(llama_model * model);
+void fill_model_info(llama_model * model, ModelInfo & info);
+
+llama_context * new_context(llama_model * model, const ContextParams & params);
+uint32_t n_ctx_seq(llama_context * ctx);
+
+int32_t tokenize(const llama_vocab * vocab, const std::string & text, bool add_special, bool parse_special,
+                 std::vector<int32_t> & out);
+std::string token_to_piece(const llama_vocab * vocab, int32_t token, bool special);
+
+// Memory (KV cache or recurrent state) of one sequence.
+bool seq_rm(llama_context * ctx, int32_t seq, int32_t p0, int32_t p1);
+void seq_cp(llama_context * ctx, int32_t src, int32_t dst, int32_t p0, int32_t p1);
+void seq_keep(llama_context * ctx, int32_t seq);
+int32_t seq_pos_max(llama_context * ctx, int32_t seq);
+void memory_clear(llama_context * ctx);
+bool can_shift(llama_context * ctx);
+
+ChatPrompt chat_apply(llama_model * model, const ChatOptions & opts);
+std::string chat_parse(const std::string & text, const ChatParseOptions & opts);
+std::string json_schema_to_gbnf(const std::string & schema_json);
+
+}  // namespace compat
+
+// Sampling for one sequence: the fork's sampler stack with grammar, penalties and logit bias.
+class SeqSampler {
+public:
+    SeqSampler(llama_model * model, const SamplingParams & params, const std::vector<int32_t> & history);
+    ~SeqSampler();
+    SeqSampler(const SeqSampler &) = delete;
+    SeqSampler & operator=(const SeqSampler &) = delete;
+
+    // Sample from the logits row `idx` of the last decode and accept the token into the state.
+    int32_t sample_and_accept(llama_context * ctx, int32_t idx);
+
+private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace PYLOCALAI_ENGINE_NS

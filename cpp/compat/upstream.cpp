@@ -1,0 +1,354 @@
+// compat layer for upstream llama.cpp (and forks that keep its API, such as turboquant).
+#include "compat/compat.hpp"
+
+#include "chat.h"
+#include "common.h"
+#include "json-schema-to-grammar.h"
+#include "json.h"
+#include "llama.h"
+#include "sampling.h"
+
+#include <algorithm>
+#include <mutex>
+#include <thread>
+
+namespace PYLOCALAI_ENGINE_NS {
+namespace compat {
+
+namespace {
+
+std::once_flag g_backend_once;
+
+void quiet_log(ggml_log_level level, const char * text, void * /*user*/) {
+    // llama.cpp logs every tensor at load; keep warnings and errors only.
+    if (level == GGML_LOG_LEVEL_ERROR || level == GGML_LOG_LEVEL_WARN) {
+        fputs(text, stderr);
+    }
+}
+
+ggml_type cache_type_from_name(const std::string & name) {
+    for (int i = 0; i < GGML_TYPE_COUNT; ++i) {
+        const auto t = static_cast<ggml_type>(i);
+        const char * tn = ggml_type_name(t);
+        if (tn != nullptr && name == tn) {
+            return t;
+        }
+    }
+    throw std::invalid_argument("unknown KV cache type '" + name + "'");
+}
+
+void add_rpc_servers(const std::vector<std::string> & servers) {
+    if (servers.empty()) {
+        return;
+    }
+    ggml_backend_reg_t reg = ggml_backend_reg_by_name("RPC");
+    if (reg == nullptr) {
+        throw std::invalid_argument("this build has no ggml RPC backend");
+    }
+    using add_server_fn = ggml_backend_reg_t (*)(const char *);
+    auto fn = reinterpret_cast<add_server_fn>(ggml_backend_reg_get_proc_address(reg, "ggml_backend_rpc_add_server"));
+    if (fn == nullptr) {
+        throw std::invalid_argument("ggml RPC backend lacks ggml_backend_rpc_add_server");
+    }
+    for (const auto & endpoint : servers) {
+        ggml_backend_reg_t server = fn(endpoint.c_str());
+        if (server == nullptr) {
+            throw EngineError("cannot reach RPC server " + endpoint);
+        }
+        ggml_backend_register(server);
+    }
+}
+
+std::mutex g_tmpl_mutex;
+std::map<std::pair<const llama_model *, std::string>, common_chat_templates_ptr> g_templates;
+
+const common_chat_templates * templates_for(llama_model * model, const std::string & override_src) {
+    std::lock_guard<std::mutex> lock(g_tmpl_mutex);
+    auto key = std::make_pair(static_cast<const llama_model *>(model), override_src);
+    auto it = g_templates.find(key);
+    if (it == g_templates.end()) {
+        it = g_templates.emplace(key, common_chat_templates_init(model, override_src)).first;
+    }
+    return it->second.get();
+}
+
+}  // namespace
+
+void backend_init() {
+    std::call_once(g_backend_once, [] {
+        llama_log_set(quiet_log, nullptr);
+        llama_backend_init();
+        ggml_backend_load_all();
+    });
+}
+
+llama_model * load_model(const ModelParams & p) {
+    backend_init();
+    add_rpc_servers(p.rpc_servers);
+    llama_model_params mp = llama_model_default_params();
+    mp.n_gpu_layers = p.n_gpu_layers;
+    mp.main_gpu = p.main_gpu;
+    mp.load_mode = p.use_mmap ? (p.use_mlock ? LLAMA_LOAD_MODE_MMAP_MLOCK : LLAMA_LOAD_MODE_MMAP)
+                              : (p.use_mlock ? LLAMA_LOAD_MODE_MLOCK : LLAMA_LOAD_MODE_NONE);
+    mp.check_tensors = p.check_tensors;
+    mp.vocab_only = p.vocab_only;
+    std::vector<float> split(llama_max_devices(), 0.0f);
+    if (!p.tensor_split.empty()) {
+        if (p.tensor_split.size() > split.size()) {
+            throw std::invalid_argument("tensor_split has more entries than this build supports devices");
+        }
+        std::copy(p.tensor_split.begin(), p.tensor_split.end(), split.begin());
+        mp.tensor_split = split.data();
+    }
+    llama_model * model = llama_model_load_from_file(p.path.c_str(), mp);
+    if (model == nullptr) {
+        throw EngineError("failed to load model from '" + p.path + "' (not a GGUF this engine can read?)");
+    }
+    return model;
+}
+
+void free_model(llama_model * model) {
+    {
+        std::lock_guard<std::mutex> lock(g_tmpl_mutex);
+        for (auto it = g_templates.begin(); it != g_templates.end();) {
+            it = it->first.first == model ? g_templates.erase(it) : std::next(it);
+        }
+    }
+    llama_model_free(model);
+}
+
+void fill_model_info(llama_model * model, ModelInfo & info) {
+    const llama_vocab * vocab = llama_model_get_vocab(model);
+    char buf[512];
+    if (llama_model_meta_val_str(model, "general.architecture", buf, sizeof(buf)) >= 0) {
+        info.architecture = buf;
+    }
+    llama_model_desc(model, buf, sizeof(buf));
+    info.description = buf;
+    info.n_ctx_train = llama_model_n_ctx_train(model);
+    info.n_vocab = llama_vocab_n_tokens(vocab);
+    info.n_embd = llama_model_n_embd(model);
+    info.n_layer = llama_model_n_layer(model);
+    info.n_params = llama_model_n_params(model);
+    info.size_bytes = llama_model_size(model);
+    info.bos = llama_vocab_bos(vocab);
+    info.eos = llama_vocab_eos(vocab);
+    info.eot = llama_vocab_eot(vocab);
+    info.add_bos = llama_vocab_get_add_bos(vocab);
+    for (int32_t t = 0; t < info.n_vocab; ++t) {
+        if (llama_vocab_is_eog(vocab, t)) {
+            info.eog_tokens.push_back(t);
+        }
+    }
+    if (const char * tmpl = llama_model_chat_template(model, nullptr)) {
+        info.chat_template = tmpl;
+    }
+    info.recurrent = llama_model_is_recurrent(model);
+    info.hybrid = llama_model_is_hybrid(model);
+    info.has_encoder = llama_model_has_encoder(model);
+    const int32_t n_meta = llama_model_meta_count(model);
+    std::vector<char> val(1 << 16);
+    for (int32_t i = 0; i < n_meta; ++i) {
+        if (llama_model_meta_key_by_index(model, i, buf, sizeof(buf)) < 0) {
+            continue;
+        }
+        const int32_t n = llama_model_meta_val_str_by_index(model, i, val.data(), val.size());
+        if (n >= 0 && static_cast<size_t>(n) < val.size()) {
+            info.metadata[buf] = val.data();
+        }
+    }
+}
+
+llama_context * new_context(llama_model * model, const ContextParams & p) {
+    llama_context_params cp = llama_context_default_params();
+    const int32_t hw = std::max(1, static_cast<int32_t>(std::thread::hardware_concurrency()));
+    cp.n_ctx = p.n_ctx;
+    cp.n_batch = p.n_batch;
+    cp.n_ubatch = std::min(p.n_ubatch, p.n_batch);
+    cp.n_seq_max = p.n_seq_max;
+    cp.n_threads = p.n_threads > 0 ? p.n_threads : hw;
+    cp.n_threads_batch = p.n_threads_batch > 0 ? p.n_threads_batch : cp.n_threads;
+    cp.flash_attn_type = p.flash_attn < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO
+                        : (p.flash_attn == 0 ? LLAMA_FLASH_ATTN_TYPE_DISABLED : LLAMA_FLASH_ATTN_TYPE_ENABLED);
+    cp.type_k = cache_type_from_name(p.type_k);
+    cp.type_v = cache_type_from_name(p.type_v);
+    cp.kv_unified = p.kv_unified;
+    cp.swa_full = p.swa_full;
+    cp.embeddings = p.embeddings;
+    cp.offload_kqv = p.offload_kqv;
+    cp.op_offload = p.op_offload;
+    cp.rope_freq_base = p.rope_freq_base;
+    cp.rope_freq_scale = p.rope_freq_scale;
+    cp.no_perf = true;
+    llama_context * ctx = llama_init_from_model(model, cp);
+    if (ctx == nullptr) {
+        throw EngineError("failed to create the llama context (out of memory, or unsupported settings "
+                          "such as a quantized V cache without flash attention)");
+    }
+    return ctx;
+}
+
+uint32_t n_ctx_seq(llama_context * ctx) { return llama_n_ctx_seq(ctx); }
+
+int32_t tokenize(const llama_vocab * vocab, const std::string & text, bool add_special, bool parse_special,
+                 std::vector<int32_t> & out) {
+    out.resize(text.size() + 2);
+    int32_t n = llama_tokenize(vocab, text.data(), static_cast<int32_t>(text.size()), out.data(),
+                               static_cast<int32_t>(out.size()), add_special, parse_special);
+    if (n < 0) {
+        out.resize(static_cast<size_t>(-n));
+        n = llama_tokenize(vocab, text.data(), static_cast<int32_t>(text.size()), out.data(),
+                           static_cast<int32_t>(out.size()), add_special, parse_special);
+    }
+    if (n < 0) {
+        throw EngineError("tokenization failed");
+    }
+    out.resize(static_cast<size_t>(n));
+    return n;
+}
+
+std::string token_to_piece(const llama_vocab * vocab, int32_t token, bool special) {
+    char small[64];
+    int32_t n = llama_token_to_piece(vocab, token, small, sizeof(small), 0, special);
+    if (n >= 0) {
+        return std::string(small, static_cast<size_t>(n));
+    }
+    std::string big(static_cast<size_t>(-n), '\0');
+    n = llama_token_to_piece(vocab, token, big.data(), static_cast<int32_t>(big.size()), 0, special);
+    big.resize(static_cast<size_t>(std::max(n, 0)));
+    return big;
+}
+
+bool seq_rm(llama_context * ctx, int32_t seq, int32_t p0, int32_t p1) {
+    return llama_memory_seq_rm(llama_get_memory(ctx), seq, p0, p1);
+}
+void seq_cp(llama_context * ctx, int32_t src, int32_t dst, int32_t p0, int32_t p1) {
+    llama_memory_seq_cp(llama_get_memory(ctx), src, dst, p0, p1);
+}
+void seq_keep(llama_context * ctx, int32_t seq) { llama_memory_seq_keep(llama_get_memory(ctx), seq); }
+int32_t seq_pos_max(llama_context * ctx, int32_t seq) { return llama_memory_seq_pos_max(llama_get_memory(ctx), seq); }
+void memory_clear(llama_context * ctx) { llama_memory_clear(llama_get_memory(ctx), true); }
+bool can_shift(llama_context * ctx) { return llama_memory_can_shift(llama_get_memory(ctx)); }
+
+ChatPrompt chat_apply(llama_model * model, const ChatOptions & o) {
+    const common_chat_templates * tmpls = templates_for(model, o.template_override);
+    const llama_vocab * vocab = llama_model_get_vocab(model);
+    common_chat_templates_inputs in;
+    in.messages = common_chat_msgs_parse_oaicompat(common_json::parse(o.messages_json));
+    if (!o.tools_json.empty()) {
+        in.tools = common_chat_tools_parse_oaicompat(common_json::parse(o.tools_json));
+    }
+    in.tool_choice = common_chat_tool_choice_parse_oaicompat(o.tool_choice);
+    in.parallel_tool_calls = o.parallel_tool_calls;
+    in.add_generation_prompt = o.add_generation_prompt;
+    in.enable_thinking = o.enable_thinking;
+    in.json_schema = o.json_schema;
+    in.grammar = o.grammar;
+    in.use_jinja = true;
+    in.add_bos = llama_vocab_get_add_bos(vocab);
+    in.add_eos = llama_vocab_get_add_eos(vocab);
+    in.reasoning_format = COMMON_REASONING_FORMAT_DEEPSEEK;
+    for (const auto & [k, v] : o.template_kwargs) {
+        in.chat_template_kwargs[k] = v;
+    }
+    common_chat_params r = common_chat_templates_apply(tmpls, in);
+    ChatPrompt out;
+    out.prompt = r.prompt;
+    out.grammar = r.grammar;
+    out.grammar_lazy = r.grammar_lazy;
+    for (const auto & t : r.grammar_triggers) {
+        out.grammar_triggers.push_back({static_cast<int32_t>(t.type), t.value, t.token});
+    }
+    out.preserved_tokens = r.preserved_tokens;
+    out.additional_stops = r.additional_stops;
+    out.format = static_cast<int32_t>(r.format);
+    out.format_name = common_chat_format_name(r.format);
+    out.generation_prompt = r.generation_prompt;
+    out.parser = r.parser;
+    out.supports_thinking = r.supports_thinking;
+    out.thinking_start_tag = r.thinking_start_tag;
+    out.thinking_end_tags = r.thinking_end_tags;
+    return out;
+}
+
+std::string chat_parse(const std::string & text, const ChatParseOptions & o) {
+    common_chat_parser_params pp;
+    pp.format = static_cast<common_chat_format>(o.format);
+    pp.reasoning_format = o.reasoning ? COMMON_REASONING_FORMAT_DEEPSEEK : COMMON_REASONING_FORMAT_NONE;
+    pp.generation_prompt = o.generation_prompt;
+    pp.parse_tool_calls = o.parse_tool_calls;
+    if (!o.parser.empty()) {
+        pp.parser.load(o.parser);
+    }
+    common_chat_msg msg = common_chat_parse(text, o.is_partial, pp);
+    return msg.to_json_oaicompat().dump();
+}
+
+std::string json_schema_to_gbnf(const std::string & schema_json) {
+    return json_schema_to_grammar(common_json::parse(schema_json));
+}
+
+}  // namespace compat
+
+struct SeqSampler::Impl {
+    common_sampler_ptr smpl;
+};
+
+SeqSampler::SeqSampler(llama_model * model, const SamplingParams & p, const std::vector<int32_t> & history)
+    : impl_(std::make_unique<Impl>()) {
+    common_params_sampling sp;
+    sp.seed = p.seed;
+    sp.temp = p.temperature;
+    sp.top_k = p.top_k;
+    sp.top_p = p.top_p;
+    sp.min_p = p.min_p;
+    sp.typ_p = p.typical_p;
+    sp.penalty_repeat = p.repeat_penalty;
+    sp.penalty_present = p.presence_penalty;
+    sp.penalty_freq = p.frequency_penalty;
+    sp.penalty_last_n = p.repeat_last_n;
+    sp.ignore_eos = p.ignore_eos;
+    sp.n_probs = p.n_probs;
+    sp.no_perf = true;
+    for (const auto & [tok, bias] : p.logit_bias) {
+        sp.logit_bias.push_back({tok, bias});
+    }
+    if (p.ignore_eos) {
+        const llama_vocab * vocab = llama_model_get_vocab(model);
+        for (int32_t t = 0; t < llama_vocab_n_tokens(vocab); ++t) {
+            if (llama_vocab_is_eog(vocab, t)) {
+                sp.logit_bias_eog.push_back({t, -INFINITY});
+            }
+        }
+    }
+    if (!p.grammar.empty()) {
+        if (p.grammar_type < COMMON_GRAMMAR_TYPE_USER || p.grammar_type > COMMON_GRAMMAR_TYPE_TOOL_CALLS) {
+            throw std::invalid_argument("grammar_type must be 1 (user), 2 (output format) or 3 (tool calls)");
+        }
+        sp.grammar = common_grammar(static_cast<common_grammar_type>(p.grammar_type), p.grammar);
+        sp.generation_prompt = p.generation_prompt;
+        sp.grammar_lazy = p.grammar_lazy;
+        for (const auto & t : p.grammar_triggers) {
+            sp.grammar_triggers.push_back({static_cast<common_grammar_trigger_type>(t.type), t.value, t.token});
+        }
+    }
+    sp.preserved_tokens.insert(p.preserved_tokens.begin(), p.preserved_tokens.end());
+    common_sampler * s = common_sampler_init(model, sp);
+    if (s == nullptr) {
+        throw std::invalid_argument("invalid sampling parameters or grammar (the GBNF did not parse)");
+    }
+    impl_->smpl.reset(s);
+    for (int32_t t : history) {
+        common_sampler_accept(s, t, false);
+    }
+}
+
+SeqSampler::~SeqSampler() = default;
+
+int32_t SeqSampler::sample_and_accept(llama_context * ctx, int32_t idx) {
+    const llama_token tok = common_sampler_sample(impl_->smpl.get(), ctx, idx);
+    common_sampler_accept(impl_->smpl.get(), tok, true);
+    return tok;
+}
+
+}  // namespace PYLOCALAI_ENGINE_NS

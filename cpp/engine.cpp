@@ -1,0 +1,266 @@
+// Fork-neutral engine: Model and Session over the compat layer.
+#include "engine_api.hpp"
+
+#include "compat/compat.hpp"
+#include "llama.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+namespace PYLOCALAI_ENGINE_NS {
+
+// ---------------------------------------------------------------- Model
+
+Model::Model(const ModelParams & params) {
+    model_ = compat::load_model(params);
+    vocab_ = llama_model_get_vocab(model_);
+    compat::fill_model_info(model_, info_);
+}
+
+Model::~Model() {
+    if (model_ != nullptr) {
+        compat::free_model(model_);
+    }
+}
+
+std::vector<int32_t> Model::tokenize(const std::string & text, bool add_special, bool parse_special) const {
+    std::vector<int32_t> out;
+    compat::tokenize(vocab_, text, add_special, parse_special, out);
+    return out;
+}
+
+std::string Model::token_to_piece(int32_t token, bool special) const {
+    if (token < 0 || token >= info_.n_vocab) {
+        throw std::invalid_argument("token id " + std::to_string(token) + " is outside the vocabulary");
+    }
+    return compat::token_to_piece(vocab_, token, special);
+}
+
+std::string Model::detokenize(const std::vector<int32_t> & tokens, bool remove_special, bool unparse_special) const {
+    for (int32_t t : tokens) {
+        if (t < 0 || t >= info_.n_vocab) {
+            throw std::invalid_argument("token id " + std::to_string(t) + " is outside the vocabulary");
+        }
+    }
+    std::string out(tokens.size() * 8 + 16, '\0');
+    int32_t n = llama_detokenize(vocab_, tokens.data(), static_cast<int32_t>(tokens.size()), out.data(),
+                                 static_cast<int32_t>(out.size()), remove_special, unparse_special);
+    if (n < 0) {
+        out.resize(static_cast<size_t>(-n));
+        n = llama_detokenize(vocab_, tokens.data(), static_cast<int32_t>(tokens.size()), out.data(),
+                             static_cast<int32_t>(out.size()), remove_special, unparse_special);
+    }
+    out.resize(static_cast<size_t>(std::max(n, 0)));
+    return out;
+}
+
+bool Model::is_eog(int32_t token) const { return llama_vocab_is_eog(vocab_, token); }
+
+ChatPrompt Model::chat_apply(const ChatOptions & opts) const { return compat::chat_apply(model_, opts); }
+
+std::string Model::chat_parse(const std::string & text, const ChatParseOptions & opts) const {
+    return compat::chat_parse(text, opts);
+}
+
+std::string json_schema_to_gbnf(const std::string & schema_json) { return compat::json_schema_to_gbnf(schema_json); }
+
+std::vector<std::string> cache_type_names() {
+    return {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"};
+}
+
+// ---------------------------------------------------------------- Session
+
+Session::Session(std::shared_ptr<Model> model, const ContextParams & params) : model_(std::move(model)) {
+    ctx_ = compat::new_context(model_->raw(), params);
+}
+
+Session::~Session() {
+    samplers_.clear();
+    if (ctx_ != nullptr) {
+        llama_free(ctx_);
+    }
+}
+
+uint32_t Session::n_ctx() const { return llama_n_ctx(ctx_); }
+uint32_t Session::n_ctx_seq() const { return compat::n_ctx_seq(ctx_); }
+uint32_t Session::n_batch() const { return llama_n_batch(ctx_); }
+uint32_t Session::n_seq_max() const { return llama_n_seq_max(ctx_); }
+
+void Session::set_sampler(int32_t seq, const SamplingParams & params, const std::vector<int32_t> & history) {
+    if (seq < 0 || static_cast<uint32_t>(seq) >= n_seq_max()) {
+        throw std::invalid_argument("sequence id out of range");
+    }
+    samplers_[seq] = std::make_unique<SeqSampler>(model_->raw(), params, history);
+    n_probs_[seq] = params.n_probs;
+    preserved_[seq] = params.preserved_tokens;
+    std::sort(preserved_[seq].begin(), preserved_[seq].end());
+}
+
+void Session::drop_sampler(int32_t seq) {
+    samplers_.erase(seq);
+    n_probs_.erase(seq);
+    preserved_.erase(seq);
+}
+
+namespace {
+
+// log-softmax of the raw logits row: the model's own distribution, before any sampler.
+void logprobs_of(const float * logits, int32_t n_vocab, int32_t chosen, int32_t n_top, float & chosen_lp,
+                 std::vector<std::pair<int32_t, float>> & top) {
+    float max_l = -INFINITY;
+    for (int32_t i = 0; i < n_vocab; ++i) {
+        max_l = std::max(max_l, logits[i]);
+    }
+    double sum = 0.0;
+    for (int32_t i = 0; i < n_vocab; ++i) {
+        sum += std::exp(static_cast<double>(logits[i] - max_l));
+    }
+    const float log_z = max_l + static_cast<float>(std::log(sum));
+    chosen_lp = logits[chosen] - log_z;
+    top.clear();
+    if (n_top <= 0) {
+        return;
+    }
+    std::vector<int32_t> idx(n_vocab);
+    std::iota(idx.begin(), idx.end(), 0);
+    const int32_t k = std::min(n_top, n_vocab);
+    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) {
+        return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+    });
+    for (int32_t i = 0; i < k; ++i) {
+        top.emplace_back(idx[i], logits[idx[i]] - log_z);
+    }
+}
+
+}  // namespace
+
+StepOutput Session::step(const std::vector<int32_t> & tokens, const std::vector<int32_t> & pos,
+                         const std::vector<int32_t> & seq_ids, const std::vector<uint8_t> & want_sample) {
+    const size_t n = tokens.size();
+    if (pos.size() != n || seq_ids.size() != n || want_sample.size() != n) {
+        throw std::invalid_argument("step: tokens, pos, seq_ids and want_sample must have the same length");
+    }
+    if (n == 0 || n > n_batch()) {
+        throw std::invalid_argument("step: batch must hold 1..n_batch tokens");
+    }
+    StepOutput out;
+    llama_batch batch = llama_batch_init(static_cast<int32_t>(n), 0, 1);
+    for (size_t i = 0; i < n; ++i) {
+        if (tokens[i] < 0 || tokens[i] >= model_->info().n_vocab) {
+            llama_batch_free(batch);
+            throw std::invalid_argument("step: token id outside the vocabulary");
+        }
+        batch.token[i] = tokens[i];
+        batch.pos[i] = pos[i];
+        batch.n_seq_id[i] = 1;
+        batch.seq_id[i][0] = seq_ids[i];
+        batch.logits[i] = want_sample[i] ? 1 : 0;
+    }
+    batch.n_tokens = static_cast<int32_t>(n);
+    const int32_t rc = llama_decode(ctx_, batch);
+    llama_batch_free(batch);
+    if (rc == 1) {
+        out.status = 1;
+        return out;
+    }
+    if (rc != 0) {
+        throw EngineError("llama_decode failed with code " + std::to_string(rc));
+    }
+    const int32_t n_vocab = model_->info().n_vocab;
+    for (size_t i = 0; i < n; ++i) {
+        if (!want_sample[i]) {
+            continue;
+        }
+        const int32_t seq = seq_ids[i];
+        auto it = samplers_.find(seq);
+        if (it == samplers_.end()) {
+            throw std::invalid_argument("step: no sampler set for sequence " + std::to_string(seq));
+        }
+        const int32_t idx = static_cast<int32_t>(i);
+        const int32_t tok = it->second->sample_and_accept(ctx_, idx);
+        const bool eog = model_->is_eog(tok);
+        const auto & keep = preserved_[seq];
+        const bool special = std::binary_search(keep.begin(), keep.end(), tok);
+        out.seq_ids.push_back(seq);
+        out.tokens.push_back(tok);
+        out.eog.push_back(eog ? 1 : 0);
+        out.pieces.push_back(eog ? std::string() : compat::token_to_piece(model_->vocab(), tok, special));
+        const int32_t n_probs = n_probs_[seq];
+        float lp = 0.0f;
+        std::vector<std::pair<int32_t, float>> top;
+        if (n_probs > 0) {
+            logprobs_of(llama_get_logits_ith(ctx_, idx), n_vocab, tok, n_probs, lp, top);
+        }
+        out.logprobs.push_back(lp);
+        out.top.push_back(std::move(top));
+    }
+    return out;
+}
+
+bool Session::seq_rm(int32_t seq, int32_t p0, int32_t p1) { return compat::seq_rm(ctx_, seq, p0, p1); }
+void Session::seq_cp(int32_t src, int32_t dst, int32_t p0, int32_t p1) { compat::seq_cp(ctx_, src, dst, p0, p1); }
+void Session::seq_keep(int32_t seq) { compat::seq_keep(ctx_, seq); }
+int32_t Session::seq_pos_max(int32_t seq) const { return compat::seq_pos_max(ctx_, seq); }
+void Session::clear() { compat::memory_clear(ctx_); }
+bool Session::can_shift() const { return compat::can_shift(ctx_); }
+
+std::vector<float> Session::embed(const std::vector<int32_t> & tokens, bool normalize) {
+    if (tokens.empty()) {
+        throw std::invalid_argument("embed: empty input");
+    }
+    if (tokens.size() > n_batch()) {
+        throw std::invalid_argument("embed: input of " + std::to_string(tokens.size()) +
+                                    " tokens exceeds the batch size " + std::to_string(n_batch()));
+    }
+    compat::memory_clear(ctx_);
+    const size_t n = tokens.size();
+    llama_batch batch = llama_batch_init(static_cast<int32_t>(n), 0, 1);
+    for (size_t i = 0; i < n; ++i) {
+        batch.token[i] = tokens[i];
+        batch.pos[i] = static_cast<int32_t>(i);
+        batch.n_seq_id[i] = 1;
+        batch.seq_id[i][0] = 0;
+        batch.logits[i] = 1;
+    }
+    batch.n_tokens = static_cast<int32_t>(n);
+    const bool has_encoder = model_->info().has_encoder;
+    const int32_t rc = has_encoder ? llama_encode(ctx_, batch) : llama_decode(ctx_, batch);
+    llama_batch_free(batch);
+    if (rc != 0) {
+        throw EngineError("embedding decode failed with code " + std::to_string(rc));
+    }
+    const int32_t n_embd = model_->info().n_embd;
+    std::vector<float> out(static_cast<size_t>(n_embd), 0.0f);
+    if (llama_pooling_type(ctx_) == LLAMA_POOLING_TYPE_NONE) {
+        // The model pools nothing: mean of the token embeddings, as OpenAI-style APIs need one vector.
+        for (size_t i = 0; i < n; ++i) {
+            const float * e = llama_get_embeddings_ith(ctx_, static_cast<int32_t>(i));
+            for (int32_t d = 0; d < n_embd; ++d) {
+                out[d] += e[d] / static_cast<float>(n);
+            }
+        }
+    } else {
+        const float * e = llama_get_embeddings_seq(ctx_, 0);
+        if (e == nullptr) {
+            throw EngineError("the model produced no pooled embedding");
+        }
+        std::copy(e, e + n_embd, out.begin());
+    }
+    compat::memory_clear(ctx_);
+    if (normalize) {
+        double norm = 0.0;
+        for (float v : out) {
+            norm += static_cast<double>(v) * v;
+        }
+        norm = std::sqrt(norm);
+        if (norm > 0.0) {
+            for (float & v : out) {
+                v = static_cast<float>(v / norm);
+            }
+        }
+    }
+    return out;
+}
+
+}  // namespace PYLOCALAI_ENGINE_NS
