@@ -1,0 +1,190 @@
+"""The chat layer shared by the Python API and every protocol: template rendering, the grammar that
+constrains the answer, and parsing the answer back into content, reasoning and tool calls.
+
+Tool calling is one mechanism:
+- `auto`: the model's own template renders the tools and llama.cpp's chat library gives a lazy
+  grammar that engages once the model starts its native call syntax; calls are parsed back with the
+  template's parser. The model may answer in text instead.
+- `required` or a named function: decoding is constrained by a grammar made from the tools'
+  JSON schemas (`{"name": ..., "arguments": {...}}`, or a list of them when parallel calls are
+  allowed), so even a tiny model emits a valid call; the JSON is parsed back directly.
+- `none`: tools are not offered.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pylocalai.errors import InvalidRequestError
+
+
+class ChatEngine(Protocol):
+    def render_chat(self, messages: Sequence[dict[str, Any]], *, tools: Sequence[dict[str, Any]] | None,
+                    tool_choice: str, parallel_tool_calls: bool, json_schema: dict[str, Any] | None,
+                    enable_thinking: bool, template_kwargs: dict[str, Any] | None) -> dict[str, Any]: ...
+    def schema_grammar(self, schema: dict[str, Any]) -> str: ...
+    def parse_rendered(self, text: str, rendered: dict[str, Any], *, is_partial: bool) -> dict[str, Any]: ...
+    def single_token_ids(self, texts: Sequence[str]) -> list[int]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ChatPlan:
+    """How to run one chat turn: the prompt, sampling additions, and how to read the answer."""
+
+    prompt: str
+    sampling: dict[str, Any]  # grammar, grammar_kind, triggers, preserved tokens, extra stops
+    rendered: dict[str, Any]
+    forced_tools: bool = False  # the answer is the forced-call JSON
+    tool_names: tuple[str, ...] = ()
+
+
+def tool_name(tool: dict[str, Any]) -> str:
+    fn = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str) or not name:
+        raise InvalidRequestError("every tool needs a function name", param="tools")
+    return name
+
+
+def _parameters(tool: dict[str, Any]) -> dict[str, Any]:
+    fn = tool.get("function") if isinstance(tool.get("function"), dict) else tool
+    params = fn.get("parameters") or {"type": "object", "properties": {}}
+    if not isinstance(params, dict):
+        raise InvalidRequestError("tool parameters must be a JSON schema object", param="tools")
+    return params
+
+
+def forced_call_schema(tools: Sequence[dict[str, Any]], *, parallel: bool) -> dict[str, Any]:
+    """JSON schema of one call (or a non-empty list of calls) to one of the tools."""
+    calls = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": tool_name(t)}, "arguments": _parameters(t)},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in tools
+    ]
+    one = calls[0] if len(calls) == 1 else {"oneOf": calls}
+    return {"type": "array", "items": one, "minItems": 1} if parallel else one
+
+
+def select_tools(tools: Sequence[dict[str, Any]] | None, tool_choice: str | dict[str, Any] | None) -> tuple[list[dict[str, Any]], str]:
+    """Normalize tool_choice: returns (tools offered, 'auto' | 'required' | 'none')."""
+    tool_list = list(tools or [])
+    choice = "auto" if tool_choice is None else tool_choice
+    if isinstance(choice, dict):
+        fn = choice.get("function") if isinstance(choice.get("function"), dict) else choice
+        name = fn.get("name")
+        matching = [t for t in tool_list if tool_name(t) == name]
+        if not matching:
+            raise InvalidRequestError(f"tool_choice names an unknown function {name!r}", param="tool_choice")
+        return matching, "required"
+    if choice not in ("auto", "required", "none"):
+        raise InvalidRequestError("tool_choice must be auto, required, none or a named function", param="tool_choice")
+    if choice == "required" and not tool_list:
+        raise InvalidRequestError("tool_choice is required but no tools were given", param="tool_choice")
+    if choice == "none":
+        return [], "none"
+    return tool_list, choice if tool_list else "auto"
+
+
+def plan_chat(
+    engine: ChatEngine,
+    messages: Sequence[dict[str, Any]],
+    *,
+    tools: Sequence[dict[str, Any]] | None = None,
+    tool_choice: str | dict[str, Any] | None = "auto",
+    parallel_tool_calls: bool = False,
+    json_schema: dict[str, Any] | None = None,
+    enable_thinking: bool = True,
+    template_kwargs: dict[str, Any] | None = None,
+    user_grammar: str = "",
+) -> ChatPlan:
+    offered, choice = select_tools(tools, tool_choice)
+    forced = choice == "required"
+    rendered = engine.render_chat(
+        messages, tools=offered or None, tool_choice="auto" if forced else choice,
+        parallel_tool_calls=parallel_tool_calls, json_schema=None if forced else json_schema,
+        enable_thinking=enable_thinking, template_kwargs=template_kwargs,
+    )
+    sampling: dict[str, Any] = {}
+    if user_grammar:
+        sampling.update(grammar=user_grammar, grammar_kind="user")
+    elif forced:
+        # our own grammar: the answer is exactly the call JSON, from the first token on
+        sampling.update(grammar=engine.schema_grammar(forced_call_schema(offered, parallel=parallel_tool_calls)),
+                        grammar_kind="user")
+    elif rendered["grammar"]:
+        sampling.update(
+            grammar=rendered["grammar"],
+            grammar_kind="tool_calls" if offered else "output_format",
+            generation_prompt=rendered["generation_prompt"],
+            grammar_lazy=rendered["grammar_lazy"],
+            grammar_triggers=[tuple(t) for t in rendered["grammar_triggers"]],
+        )
+    preserved = engine.single_token_ids(rendered["preserved_tokens"])
+    if preserved:
+        sampling["preserved_tokens"] = preserved
+    if rendered["additional_stops"]:
+        sampling["stop"] = list(rendered["additional_stops"])
+    return ChatPlan(rendered["prompt"], sampling, rendered, forced_tools=forced,
+                    tool_names=tuple(tool_name(t) for t in offered))
+
+
+def new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+def parse_answer(engine: ChatEngine, plan: ChatPlan, text: str, *, is_partial: bool = False) -> dict[str, Any]:
+    """The assistant message in OpenAI shape: content, reasoning_content, tool_calls (with ids)."""
+    if plan.forced_tools:
+        message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": _forced_calls(text, plan)}
+    else:
+        message = engine.parse_rendered(text, plan.rendered, is_partial=is_partial)
+        message["role"] = "assistant"
+        if not plan.tool_names:
+            message.pop("tool_calls", None)
+    for call in message.get("tool_calls") or []:
+        call.setdefault("type", "function")
+        if not call.get("id"):
+            call["id"] = new_call_id()
+    return message
+
+
+def _json_items(text: str) -> list[Any]:
+    """The call object, or the complete elements of a call list (a list cut by max_tokens keeps
+    the calls that were finished)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    else:
+        return data if isinstance(data, list) else [data]
+    body = text.lstrip()
+    if not body.startswith("["):
+        return []
+    dec = json.JSONDecoder()
+    items, i = [], 1
+    while True:
+        while i < len(body) and body[i] in " \t\r\n,":
+            i += 1
+        try:
+            item, i = dec.raw_decode(body, i)
+        except json.JSONDecodeError:
+            return items
+        items.append(item)
+
+
+def _forced_calls(text: str, plan: ChatPlan) -> list[dict[str, Any]]:
+    items = _json_items(text)
+    calls = []
+    for item in items:
+        if isinstance(item, dict) and item.get("name") in plan.tool_names:
+            calls.append({"id": new_call_id(), "type": "function",
+                          "function": {"name": item["name"], "arguments": json.dumps(item.get("arguments", {}))}})
+    return calls

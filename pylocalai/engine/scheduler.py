@@ -1,0 +1,394 @@
+"""Continuous batching over one engine Session. Synchronous and thread-free.
+
+Each `step()` builds one batch for the whole engine: first one token for every generating slot,
+then prompt chunks of prefilling slots up to n_batch, and makes one C++ call (decode + sample for
+every slot, GIL released). Slots keep a mirror of the tokens in their KV sequence, so a new request
+reuses the longest common prefix of an idle slot's cache. The direct Python API and the server's
+worker drive this same class.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from pylocalai.engine.textstream import TextAssembler
+from pylocalai.engine.types import (
+    EngineRequest,
+    Finished,
+    FinishReason,
+    GenerationEvent,
+    TextDelta,
+    TokenLogprob,
+    Usage,
+)
+from pylocalai.errors import ContextLengthError, EngineError, InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+
+class SessionLike(Protocol):
+    """What the scheduler needs of an engine Session (the compiled one, or a fake in tests)."""
+
+    @property
+    def n_ctx_seq(self) -> int: ...
+    @property
+    def n_batch(self) -> int: ...
+    @property
+    def n_seq_max(self) -> int: ...
+    def set_sampler(self, seq: int, params: dict[str, Any], history: Any) -> None: ...
+    def drop_sampler(self, seq: int) -> None: ...
+    def step(self, tokens: Any, pos: Any, seq_ids: Any, want_sample: Any) -> tuple[int, list[Any]]: ...
+    def seq_rm(self, seq: int, p0: int, p1: int) -> bool: ...
+
+
+class SlotState(enum.Enum):
+    IDLE = "idle"
+    PREFILL = "prefill"
+    GENERATING = "generating"
+
+
+@dataclass(slots=True)
+class _Slot:
+    seq: int
+    state: SlotState = SlotState.IDLE
+    cached: list[int] = field(default_factory=list)  # mirror of this sequence's KV contents
+    req: EngineRequest | None = None
+    prompt_pos: int = 0  # next prompt index to decode
+    n_reused: int = 0
+    n_generated: int = 0
+    last_token: int = -1
+    text: TextAssembler | None = None
+    pending_tokens: list[int] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    last_used: float = 0.0
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    steps: int = 0
+    tokens_decoded: int = 0
+    max_seqs_per_step: int = 0  # most sequences that shared one decode (continuous batching at work)
+    kv_full_retries: int = 0
+
+
+class Scheduler:
+    """Admits requests into slots, runs batched steps and turns samples into events.
+
+    Contract: `submit` validates and queues; `step` returns `(request_id, events)` pairs, where a
+    request's last event is always `Finished`; `cancel` finishes a request at once (its slot is
+    free for the next step). Not thread-safe: one thread drives it.
+    """
+
+    def __init__(
+        self,
+        session: SessionLike,
+        *,
+        n_slots: int | None = None,
+        recurrent: bool = False,
+        slot_prompt_similarity: float = 0.1,
+        cache_prompt: bool = True,
+    ) -> None:
+        self._session = session
+        self._n_ctx_seq = int(session.n_ctx_seq)
+        self._n_batch = int(session.n_batch)
+        n = int(session.n_seq_max) if n_slots is None else n_slots
+        if n < 1 or n > int(session.n_seq_max):
+            raise InvalidRequestError(f"n_slots must be 1..{session.n_seq_max}", param="n_slots")
+        self._slots = [_Slot(seq=i) for i in range(n)]
+        self._queue: deque[EngineRequest] = deque()
+        self._by_id: dict[str, _Slot] = {}
+        self._recurrent = recurrent
+        self._similarity = slot_prompt_similarity
+        self._cache_prompt = cache_prompt
+        self._prefill_budget = self._n_batch
+        self.stats = SchedulerStats()
+
+    # ------------------------------------------------------------ public
+
+    @property
+    def n_ctx_seq(self) -> int:
+        return self._n_ctx_seq
+
+    @property
+    def active_slots(self) -> int:
+        return sum(1 for s in self._slots if s.state is not SlotState.IDLE)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def has_work(self) -> bool:
+        return bool(self._queue) or self.active_slots > 0
+
+    def slot_tokens(self, seq: int) -> tuple[int, ...]:
+        """The tokens mirrored in a slot's cache (tests and diagnostics)."""
+        return tuple(self._slots[seq].cached)
+
+    def check(self, req: EngineRequest) -> None:
+        """Raise if the request can never run here (so callers can fail before streaming)."""
+        n = len(req.prompt_tokens)
+        if n == 0:
+            raise InvalidRequestError("the prompt is empty (no tokens)", param="prompt")
+        if n >= self._n_ctx_seq:
+            raise ContextLengthError(
+                f"the prompt has {n} tokens, but the context holds {self._n_ctx_seq} per sequence "
+                f"(at least one more is needed to generate)",
+                param="prompt",
+            )
+        if req.sampling.max_tokens is not None and req.sampling.max_tokens < 1:
+            raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
+
+    def submit(self, req: EngineRequest) -> None:
+        self.check(req)
+        self._queue.append(req)
+
+    def cancel(self, request_id: str) -> list[tuple[str, list[GenerationEvent]]]:
+        """Stop a request now; returns its final event (nothing if it already ended)."""
+        for i, req in enumerate(self._queue):
+            if req.request_id == request_id:
+                del self._queue[i]
+                return [(request_id, [Finished(FinishReason.CANCELLED, Usage(len(req.prompt_tokens), 0))])]
+        slot = self._by_id.get(request_id)
+        if slot is None:
+            return []
+        return [(request_id, self._finish(slot, FinishReason.CANCELLED))]
+
+    def fail_all(self, error: EngineError) -> list[tuple[str, list[GenerationEvent]]]:
+        """The engine broke: finish every request with the error."""
+        out: list[tuple[str, list[GenerationEvent]]] = []
+        while self._queue:
+            req = self._queue.popleft()
+            out.append((req.request_id, [Finished(FinishReason.ERROR, Usage(len(req.prompt_tokens), 0), error=error)]))
+        for slot in self._slots:
+            if slot.req is not None:
+                rid = slot.req.request_id
+                out.append((rid, self._finish(slot, FinishReason.ERROR, error=error)))
+                slot.cached.clear()
+        return out
+
+    def step(self) -> list[tuple[str, list[GenerationEvent]]]:
+        """Admit what fits, run one batched decode, return the events it produced."""
+        out: list[tuple[str, list[GenerationEvent]]] = []
+        self._admit(out)
+        while True:
+            plan = self._plan()
+            if plan is None:
+                return out
+            tokens, pos, seqs, want, decoded = plan
+            status, rows = self._session.step(tokens, pos, seqs, want)
+            if status == 0:
+                break
+            self.stats.kv_full_retries += 1
+            # No room in the KV cache for this batch: make room, or shrink the prompt chunk.
+            if self._drop_idle_caches():
+                continue
+            if any(slot.state is SlotState.PREFILL for slot, _ in decoded) and self._prefill_budget > 1:
+                self._prefill_budget = max(1, self._prefill_budget // 2)
+                continue
+            for slot, _ in decoded:
+                if slot.req is not None:
+                    out.append((slot.req.request_id, self._finish(slot, FinishReason.LENGTH)))
+            return out
+        self._prefill_budget = self._n_batch
+        self.stats.steps += 1
+        self.stats.tokens_decoded += len(tokens)
+        self.stats.max_seqs_per_step = max(self.stats.max_seqs_per_step, len(decoded))
+        now = time.monotonic()
+        for slot, toks in decoded:
+            slot.cached.extend(toks)
+            slot.last_used = now
+            if slot.state is SlotState.PREFILL:
+                slot.prompt_pos += len(toks)
+        for seq, token, eog, piece, logprob, top in rows:
+            slot = self._slots[seq]
+            if slot.req is None:
+                continue
+            rid = slot.req.request_id
+            events = self._on_sample(slot, int(token), bool(eog), piece, float(logprob), top)
+            if events:
+                out.append((rid, events))
+        return out
+
+    # ------------------------------------------------------------ admission
+
+    def _admit(self, out: list[tuple[str, list[GenerationEvent]]]) -> None:
+        while self._queue:
+            idle = [s for s in self._slots if s.state is SlotState.IDLE]
+            if not idle:
+                return
+            req = self._queue.popleft()
+            slot = self._pick_slot(idle, req.prompt_tokens)
+            try:
+                self._start(slot, req)
+            except (ValueError, RuntimeError) as exc:  # e.g. a grammar that does not parse
+                slot.req = None
+                slot.state = SlotState.IDLE
+                err = InvalidRequestError(f"cannot start generation: {exc}", param="grammar")
+                out.append((req.request_id, [Finished(FinishReason.ERROR, Usage(len(req.prompt_tokens), 0), error=err)]))
+
+    def _pick_slot(self, idle: list[_Slot], prompt: Sequence[int]) -> _Slot:
+        if self._cache_prompt:
+            best, best_sim = None, -1.0
+            for slot in idle:
+                lcp = _common_prefix(slot.cached, prompt)
+                sim = lcp / len(prompt)
+                if lcp > 0 and sim > best_sim:
+                    best, best_sim = slot, sim
+            if best is not None and best_sim >= self._similarity:
+                return best
+        return min(idle, key=lambda s: s.last_used)
+
+    def _start(self, slot: _Slot, req: EngineRequest) -> None:
+        prompt = req.prompt_tokens
+        keep = _common_prefix(slot.cached, prompt) if self._cache_prompt else 0
+        if keep >= len(prompt):
+            keep = len(prompt) - 1  # always decode at least one prompt token: its logits start generation
+        if self._recurrent:
+            # Recurrent state cannot be cut back: reuse it only when the whole cached sequence is a prefix.
+            if keep < len(slot.cached):
+                keep = 0
+        if keep < len(slot.cached):
+            if keep == 0 or not self._session.seq_rm(slot.seq, keep, -1):
+                self._session.seq_rm(slot.seq, -1, -1)
+                keep = 0
+            del slot.cached[keep:]
+        self._session.set_sampler(slot.seq, req.sampling.engine_dict(), np.asarray(prompt, dtype=np.int32))
+        slot.req = req
+        slot.state = SlotState.PREFILL
+        slot.prompt_pos = keep
+        slot.n_reused = keep
+        slot.n_generated = 0
+        slot.last_token = -1
+        slot.text = TextAssembler(req.sampling.stop)
+        slot.pending_tokens = []
+        slot.pending_logprobs = []
+        self._by_id[req.request_id] = slot
+
+    # ------------------------------------------------------------ batching
+
+    def _plan(self) -> tuple[Any, Any, Any, Any, list[tuple[_Slot, list[int]]]] | None:
+        tokens: list[int] = []
+        pos: list[int] = []
+        seqs: list[int] = []
+        want: list[int] = []
+        decoded: list[tuple[_Slot, list[int]]] = []
+        for slot in self._slots:
+            if slot.state is SlotState.GENERATING:
+                tokens.append(slot.last_token)
+                pos.append(len(slot.cached))
+                seqs.append(slot.seq)
+                want.append(1)
+                decoded.append((slot, [slot.last_token]))
+        budget = min(self._n_batch - len(tokens), self._prefill_budget)
+        for slot in self._slots:
+            if slot.state is not SlotState.PREFILL or budget <= 0:
+                continue
+            assert slot.req is not None
+            prompt = slot.req.prompt_tokens
+            chunk = list(prompt[slot.prompt_pos : slot.prompt_pos + budget])
+            start = len(slot.cached)
+            last = slot.prompt_pos + len(chunk) == len(prompt)
+            tokens.extend(chunk)
+            pos.extend(range(start, start + len(chunk)))
+            seqs.extend([slot.seq] * len(chunk))
+            want.extend([0] * (len(chunk) - 1) + [1 if last else 0])
+            decoded.append((slot, chunk))
+            budget -= len(chunk)
+        if not tokens:
+            return None
+        return (
+            np.asarray(tokens, dtype=np.int32),
+            np.asarray(pos, dtype=np.int32),
+            np.asarray(seqs, dtype=np.int32),
+            np.asarray(want, dtype=np.uint8),
+            decoded,
+        )
+
+    def _drop_idle_caches(self) -> bool:
+        """Free KV held by idle slots (their prefix cache); True if anything was freed."""
+        freed = False
+        for slot in self._slots:
+            if slot.state is SlotState.IDLE and slot.cached:
+                self._session.seq_rm(slot.seq, -1, -1)
+                slot.cached.clear()
+                freed = True
+        return freed
+
+    # ------------------------------------------------------------ sampling results
+
+    def _on_sample(
+        self, slot: _Slot, token: int, eog: bool, piece: bytes, logprob: float, top: Sequence[tuple[int, float]]
+    ) -> list[GenerationEvent]:
+        req = slot.req
+        assert req is not None and slot.text is not None
+        slot.state = SlotState.GENERATING
+        if eog and not req.sampling.ignore_eos:
+            return self._finish(slot, FinishReason.STOP)
+        slot.n_generated += 1
+        slot.last_token = token
+        slot.pending_tokens.append(token)
+        if req.sampling.logprobs is not None:
+            n_top = req.sampling.logprobs
+            slot.pending_logprobs.append(TokenLogprob(token, logprob, tuple(top[:n_top]) if n_top else ()))
+        text = slot.text.feed(piece)
+        events: list[GenerationEvent] = []
+        if slot.text.stopped_by is not None:
+            if text or slot.pending_tokens:
+                events.append(self._delta(slot, text))
+            events.extend(self._finish(slot, FinishReason.STOP))
+            return events
+        if text:
+            events.append(self._delta(slot, text))
+        limit = req.sampling.max_tokens
+        if limit is not None and slot.n_generated >= limit:
+            events.extend(self._finish(slot, FinishReason.LENGTH))
+        elif len(slot.cached) >= self._n_ctx_seq:  # no position left to decode it at
+            events.extend(self._finish(slot, FinishReason.LENGTH))
+        return events
+
+    def _delta(self, slot: _Slot, text: str) -> TextDelta:
+        delta = TextDelta(text, tuple(slot.pending_tokens), tuple(slot.pending_logprobs))
+        slot.pending_tokens = []
+        slot.pending_logprobs = []
+        return delta
+
+    def _finish(self, slot: _Slot, reason: FinishReason, error: EngineError | None = None) -> list[GenerationEvent]:
+        req = slot.req
+        assert req is not None and slot.text is not None
+        events: list[GenerationEvent] = []
+        stop_sequence = slot.text.stopped_by
+        if reason in (FinishReason.LENGTH, FinishReason.STOP) and stop_sequence is None:
+            tail = slot.text.flush()
+            if tail or slot.pending_tokens:
+                events.append(self._delta(slot, tail))
+        events.append(
+            Finished(
+                reason,
+                Usage(len(req.prompt_tokens), slot.n_generated, slot.n_reused),
+                stop_sequence=stop_sequence,
+                error=error,
+            )
+        )
+        self._session.drop_sampler(slot.seq)
+        self._by_id.pop(req.request_id, None)
+        slot.req = None
+        slot.text = None
+        slot.state = SlotState.IDLE
+        slot.last_used = time.monotonic()
+        return events
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -1,0 +1,77 @@
+"""A deterministic stand-in for the engine Session, for scheduler tests without a model.
+
+Its "model": the token sampled after token t is (t + 1) % n_vocab, except that EOG_TOKEN is never
+produced unless a sequence reaches `eog_after` generated tokens. Token t renders as PIECES.get(t,
+f"<{t}>"). It keeps a real per-sequence position map, so it catches a scheduler that decodes at a
+wrong position, reuses a prefix wrongly or forgets to clear a sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+EOG_TOKEN = 0
+
+
+@dataclass
+class FakeSession:
+    n_ctx_seq: int = 64
+    n_batch: int = 8
+    n_seq_max: int = 2
+    n_vocab: int = 100
+    recurrent: bool = False
+    kv_capacity: int | None = None  # total cells; None: unlimited
+    pieces: dict[int, bytes] = field(default_factory=dict)
+    eog_after: dict[int, int] = field(default_factory=dict)  # seq -> generated count that yields EOG
+    kv: dict[int, list[int]] = field(default_factory=dict)  # seq -> tokens by position
+    samplers: dict[int, dict[str, Any]] = field(default_factory=dict)
+    generated: dict[int, int] = field(default_factory=dict)
+    steps: list[list[tuple[int, int, int, int]]] = field(default_factory=list)  # (seq, token, pos, want)
+    rm_calls: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def set_sampler(self, seq: int, params: dict[str, Any], history: Any) -> None:
+        self.samplers[seq] = dict(params)
+        self.generated[seq] = 0
+
+    def drop_sampler(self, seq: int) -> None:
+        self.samplers.pop(seq, None)
+
+    def seq_rm(self, seq: int, p0: int, p1: int) -> bool:
+        self.rm_calls.append((seq, p0, p1))
+        cells = self.kv.setdefault(seq, [])
+        if p0 < 0 and p1 < 0:
+            cells.clear()
+            return True
+        if self.recurrent:
+            return False
+        assert p1 == -1, "the scheduler only cuts tails"
+        del cells[p0:]
+        return True
+
+    def step(self, tokens: Any, pos: Any, seq_ids: Any, want: Any) -> tuple[int, list[Any]]:
+        toks, poss, seqs, wants = (np.asarray(a).tolist() for a in (tokens, pos, seq_ids, want))
+        assert len(toks) <= self.n_batch
+        if self.kv_capacity is not None:
+            used = sum(len(v) for v in self.kv.values())
+            if used + len(toks) > self.kv_capacity:
+                return 1, []
+        self.steps.append(list(zip(seqs, toks, poss, wants, strict=True)))
+        rows = []
+        for t, p, s, w in zip(toks, poss, seqs, wants, strict=True):
+            cells = self.kv.setdefault(s, [])
+            assert p == len(cells), f"seq {s}: decoded at position {p}, cache holds {len(cells)}"
+            cells.append(t)
+            if w:
+                assert s in self.samplers, f"seq {s} sampled without a sampler"
+                self.generated[s] += 1
+                limit = self.eog_after.get(s)
+                nxt = EOG_TOKEN if limit is not None and self.generated[s] > limit else (t + 1) % self.n_vocab
+                if nxt == EOG_TOKEN and (limit is None or self.generated[s] <= limit):
+                    nxt = 1
+                piece = self.pieces.get(nxt, f"<{nxt}>".encode())
+                top = [(nxt, -0.1), (nxt + 1, -2.0)]
+                rows.append((s, nxt, nxt == EOG_TOKEN, b"" if nxt == EOG_TOKEN else piece, -0.1, top))
+        return 0, rows

@@ -1,0 +1,242 @@
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+
+from pylocalai.engine.scheduler import Scheduler
+from pylocalai.engine.types import EngineRequest, Finished, FinishReason, GenerationEvent, SamplingParams, TextDelta
+from pylocalai.errors import ContextLengthError, InvalidRequestError
+
+from .fake_session import FakeSession
+
+
+def req(rid: str, prompt: list[int], **sampling: object) -> EngineRequest:
+    return EngineRequest(rid, tuple(prompt), SamplingParams(**sampling))  # type: ignore[arg-type]
+
+
+def run(sched: Scheduler, max_steps: int = 500) -> dict[str, list[GenerationEvent]]:
+    out: dict[str, list[GenerationEvent]] = defaultdict(list)
+    for _ in range(max_steps):
+        if not sched.has_work():
+            return out
+        for rid, evs in sched.step():
+            out[rid].extend(evs)
+    raise AssertionError("scheduler did not finish")
+
+
+def text_of(events: list[GenerationEvent]) -> str:
+    return "".join(e.text for e in events if isinstance(e, TextDelta))
+
+
+def finished(events: list[GenerationEvent]) -> Finished:
+    assert isinstance(events[-1], Finished)
+    assert sum(isinstance(e, Finished) for e in events) == 1
+    return events[-1]
+
+
+def test_max_tokens_gives_length_and_real_usage() -> None:
+    sess = FakeSession()
+    sched = Scheduler(sess)
+    sched.submit(req("a", [5, 6, 7], max_tokens=4))
+    ev = run(sched)["a"]
+    fin = finished(ev)
+    assert fin.reason is FinishReason.LENGTH
+    assert (fin.usage.prompt_tokens, fin.usage.completion_tokens) == (3, 4)
+    assert text_of(ev) == "<8><9><10><11>"
+    toks = [t for e in ev if isinstance(e, TextDelta) for t in e.tokens]
+    assert toks == [8, 9, 10, 11]
+    assert sched.active_slots == 0
+
+
+def test_end_of_generation_token_stops_and_is_not_emitted() -> None:
+    sess = FakeSession(eog_after={0: 2})
+    sched = Scheduler(sess)
+    sched.submit(req("a", [5], max_tokens=50))
+    ev = run(sched)["a"]
+    fin = finished(ev)
+    assert fin.reason is FinishReason.STOP
+    assert fin.usage.completion_tokens == 2
+    assert text_of(ev) == "<6><7>"
+
+
+def test_ignore_eos_keeps_generating() -> None:
+    sess = FakeSession(eog_after={0: 2})
+    sched = Scheduler(sess)
+    sched.submit(req("a", [5], max_tokens=5, ignore_eos=True))
+    fin = finished(run(sched)["a"])
+    assert fin.reason is FinishReason.LENGTH
+    assert fin.usage.completion_tokens == 5
+
+
+def test_long_prompt_is_prefilled_in_chunks_of_n_batch() -> None:
+    sess = FakeSession(n_batch=4)
+    sched = Scheduler(sess, n_slots=1)
+    sched.submit(req("a", list(range(1, 11)), max_tokens=1))
+    run(sched)
+    sizes = [len(s) for s in sess.steps]
+    assert sizes == [4, 4, 2]
+    # logits only for the last prompt token
+    wants = [w for s in sess.steps for (_, _, _, w) in s]
+    assert wants == [0] * 9 + [1]
+
+
+def test_generation_tokens_come_first_and_prompts_fill_the_rest() -> None:
+    sess = FakeSession(n_batch=4)
+    sched = Scheduler(sess)
+    sched.submit(req("a", [1, 2], max_tokens=10))
+    sched.step()  # prefill a
+    sched.submit(req("b", list(range(10, 20)), max_tokens=2))
+    sched.step()
+    last = sess.steps[-1]
+    assert last[0][0] == 0 and last[0][3] == 1  # a's generation token first
+    assert [s for s, *_ in last[1:]] == [1, 1, 1]  # then 3 of b's prompt tokens
+    run(sched)
+
+
+def test_concurrent_requests_share_steps_and_queue_beyond_slots() -> None:
+    sess = FakeSession(n_seq_max=2, n_batch=16)
+    sched = Scheduler(sess)
+    for rid in "abc":
+        sched.submit(req(rid, [ord(rid)], max_tokens=3))
+    first = sched.step()
+    assert sched.active_slots == 2 and sched.queued == 1
+    assert {rid for rid, _ in first} == {"a", "b"}
+    out = run(sched)
+    for rid in "bc":
+        assert finished(out[rid]).usage.completion_tokens == 3
+    shared = [s for s in sess.steps if len({seq for seq, *_ in s}) == 2]
+    assert shared, "two active requests never shared a decode step"
+
+
+def test_cancel_frees_the_slot_at_once_and_reports_cancelled() -> None:
+    sess = FakeSession(n_seq_max=1)
+    sched = Scheduler(sess)
+    sched.submit(req("a", [1], max_tokens=100))
+    sched.submit(req("b", [2], max_tokens=2))
+    sched.step()
+    sched.step()
+    assert sched.active_slots == 1 and sched.queued == 1
+    (rid, evs), = sched.cancel("a")
+    assert rid == "a" and finished(evs).reason is FinishReason.CANCELLED
+    assert sched.active_slots == 0
+    assert 0 not in sess.samplers
+    out = run(sched)
+    assert finished(out["b"]).reason is FinishReason.LENGTH
+    assert sched.cancel("a") == []  # already over
+
+
+def test_cancel_of_a_queued_request() -> None:
+    sess = FakeSession(n_seq_max=1)
+    sched = Scheduler(sess)
+    sched.submit(req("a", [1], max_tokens=5))
+    sched.submit(req("b", [2], max_tokens=5))
+    (rid, evs), = sched.cancel("b")
+    assert rid == "b" and finished(evs).reason is FinishReason.CANCELLED
+    assert sched.queued == 1  # only "a" is left
+    assert set(run(sched)) == {"a"}
+
+
+def test_prefix_of_an_idle_slot_is_reused() -> None:
+    sess = FakeSession(n_seq_max=2, n_batch=64)
+    sched = Scheduler(sess)
+    prompt = list(range(1, 21))
+    sched.submit(req("a", prompt, max_tokens=2))
+    run(sched)
+    n_steps = len(sess.steps)
+    sched.submit(req("b", [*prompt, 50, 51], max_tokens=2))
+    fin = finished(run(sched)["b"])
+    assert fin.usage.cached_tokens == 20  # the shared prompt; the cached generated token differs from 50
+    decoded = [t for s in sess.steps[n_steps:] for (_, t, _, _) in s]
+    assert decoded[:2] == [50, 51]  # only the new suffix is prefilled
+
+
+def test_identical_prompt_re_evaluates_one_token() -> None:
+    sess = FakeSession(n_seq_max=1, n_batch=64)
+    sched = Scheduler(sess)
+    prompt = [3, 4, 5, 6]
+    sched.submit(req("a", prompt, max_tokens=1))
+    run(sched)
+    sched.submit(req("b", prompt, max_tokens=1))
+    fin = finished(run(sched)["b"])
+    assert fin.usage.cached_tokens == 3
+    assert sess.steps[-1] == [(0, 6, 3, 1)]
+
+
+def test_recurrent_state_is_cleared_when_the_prefix_is_not_whole() -> None:
+    sess = FakeSession(n_seq_max=1, recurrent=True)
+    sched = Scheduler(sess, recurrent=True)
+    sched.submit(req("a", [1, 2, 3, 4], max_tokens=2))
+    run(sched)
+    sched.submit(req("b", [1, 2, 9], max_tokens=1))
+    fin = finished(run(sched)["b"])
+    assert fin.usage.cached_tokens == 0
+    assert (0, -1, -1) in sess.rm_calls
+    assert sess.kv[0][:3] == [1, 2, 9]
+
+
+def test_recurrent_state_continues_when_the_cache_is_a_prefix() -> None:
+    sess = FakeSession(n_seq_max=1, recurrent=True)
+    sched = Scheduler(sess, recurrent=True)
+    sched.submit(req("a", [1, 2, 3], max_tokens=1))
+    run(sched)
+    cached = list(sched.slot_tokens(0))
+    sched.submit(req("b", [*cached, 70, 71], max_tokens=1))
+    fin = finished(run(sched)["b"])
+    assert fin.usage.cached_tokens == len(cached)
+    assert sess.rm_calls == []
+
+
+def test_prompt_longer_than_context_is_rejected_before_queueing() -> None:
+    sched = Scheduler(FakeSession(n_ctx_seq=8))
+    with pytest.raises(ContextLengthError, match="8"):
+        sched.submit(req("a", list(range(1, 9))))
+    with pytest.raises(InvalidRequestError):
+        sched.submit(req("b", []))
+    assert sched.queued == 0
+
+
+def test_generation_stops_when_the_context_is_full() -> None:
+    sess = FakeSession(n_ctx_seq=8)
+    sched = Scheduler(sess)
+    sched.submit(req("a", [1, 2, 3], max_tokens=100))
+    fin = finished(run(sched)["a"])
+    assert fin.reason is FinishReason.LENGTH
+    assert len(sess.kv[0]) <= 8
+
+
+def test_stop_string_across_tokens_finishes_with_the_sequence() -> None:
+    sess = FakeSession(pieces={6: b"hel", 7: b"lo ST", 8: b"OP more"})
+    sched = Scheduler(sess)
+    sched.submit(req("a", [5], max_tokens=20, stop=("STOP",)))
+    ev = run(sched)["a"]
+    fin = finished(ev)
+    assert fin.reason is FinishReason.STOP and fin.stop_sequence == "STOP"
+    assert text_of(ev) == "hello "
+    assert fin.usage.completion_tokens == 3
+
+
+def test_logprobs_are_attached_to_deltas() -> None:
+    sched = Scheduler(FakeSession())
+    sched.submit(req("a", [5], max_tokens=2, logprobs=1))
+    ev = run(sched)["a"]
+    lps = [lp for e in ev if isinstance(e, TextDelta) for lp in e.logprobs]
+    assert [lp.token for lp in lps] == [6, 7]
+    assert all(len(lp.top) == 1 for lp in lps)
+
+
+def test_full_kv_cache_drops_idle_prefix_caches_then_shrinks_prefill() -> None:
+    sess = FakeSession(n_seq_max=2, n_batch=8, kv_capacity=12)
+    sched = Scheduler(sess)
+    sched.submit(req("a", [1, 2, 3, 4, 5, 6], max_tokens=1))
+    run(sched)
+    assert len(sess.kv[0]) == 6
+    sched.submit(req("b", [9, 8, 7, 6, 5, 4, 3, 2], max_tokens=1))
+    fin = finished(run(sched)["b"])
+    assert fin.reason is FinishReason.LENGTH
+    assert sess.kv[0] == []  # the idle slot's cache made room
+
+
+def test_n_slots_bounds() -> None:
+    with pytest.raises(InvalidRequestError):
+        Scheduler(FakeSession(n_seq_max=2), n_slots=3)
