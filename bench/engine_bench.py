@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""pylocalai's engine side by side with llama.cpp's own llama-bench, built from the same tree.
+
+Measures, for each model, with the same threads:
+- prefill tok/s of a 512-token prompt (llama-bench pp512 vs pylocalai: submit -> first token),
+- single-stream decode tok/s over 128 tokens (llama-bench tg128 vs pylocalai: first -> last token),
+- aggregate decode tok/s of pylocalai with 1, 4 and 8 concurrent sequences (continuous batching).
+Runs alternate llama-bench / pylocalai; each figure is the median over repeats with min-max, and
+the ratios pylocalai / llama-bench are reported. Results go to a JSON file and a table on stdout.
+
+  python bench/engine_bench.py --model default --model path/to/gemma.gguf --threads 2 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tool_path(name: str) -> Path:
+    import pylocalai._engines.llama_cpp as eng
+
+    path = Path(eng.__file__).parent / "bin" / "llama_cpp" / name
+    if not path.is_file():
+        sys.exit(f"{path} is missing: build with PYLOCALAI_BUILD_TOOLS=ON (the default)")
+    return path
+
+
+def llama_bench(model: Path, threads: int, n_prompt: int, n_gen: int) -> tuple[float, float]:
+    """(pp tok/s, tg tok/s) from one llama-bench invocation (its own mean of 3 repetitions)."""
+    cmd = [str(tool_path("llama-bench")), "-m", str(model), "-t", str(threads), "-p", str(n_prompt),
+           "-n", str(n_gen), "-r", "3", "-o", "json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800).stdout
+    rows = json.loads(out)
+    pp = next(r["avg_ts"] for r in rows if r["n_prompt"] == n_prompt and r["n_gen"] == 0)
+    tg = next(r["avg_ts"] for r in rows if r["n_gen"] == n_gen and r["n_prompt"] == 0)
+    return float(pp), float(tg)
+
+
+def ours_single(llm: Any, rng: np.random.Generator, n_prompt: int, n_gen: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) for one request: a fresh random prompt, greedy, fixed length."""
+    n_vocab = llm.info["n_vocab"]
+    # prefill: a prompt no slot has cached, one sampled token
+    prompt = [int(t) for t in rng.integers(100, n_vocab - 100, size=n_prompt)]
+    t0 = time.perf_counter()
+    llm.complete(prompt, max_tokens=1, temperature=0.0)
+    pp = n_prompt / (time.perf_counter() - t0)
+    # decode: from a 1-token prompt, as llama-bench's tg starts from an empty cache
+    stamps: list[float] = []
+    for chunk in llm.generate([int(rng.integers(100, n_vocab - 100))], max_tokens=n_gen, temperature=0.0, ignore_eos=True):
+        if chunk.tokens:
+            stamps.extend([time.perf_counter()] * len(chunk.tokens))
+    tg = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+    return pp, tg
+
+
+def ours_aggregate(llm: Any, rng: np.random.Generator, n_seqs: int, n_gen: int) -> float:
+    """Total generated tokens / wall time for n_seqs concurrent greedy generations."""
+    n_vocab = llm.info["n_vocab"]
+    prompts = [[int(t) for t in rng.integers(100, n_vocab - 100, size=8)] for _ in range(n_seqs)]
+    counts = [0] * n_seqs
+    barrier = threading.Barrier(n_seqs + 1)
+
+    def work(i: int) -> None:
+        barrier.wait()
+        counts[i] = llm.complete(prompts[i], max_tokens=n_gen, temperature=0.0, ignore_eos=True).usage.completion_tokens
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n_seqs)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def bench_model(model: Path, threads: int, repeats: int, n_prompt: int, n_gen: int, concurrency: list[int]) -> dict[str, Any]:
+    from pylocalai import Llama
+
+    rng = np.random.default_rng(0)
+    ref_pp: list[float] = []
+    ref_tg: list[float] = []
+    our_pp: list[float] = []
+    our_tg: list[float] = []
+    agg: dict[int, list[float]] = {c: [] for c in concurrency}
+    with Llama(model, n_ctx=4096, n_batch=512, n_ubatch=512, n_threads=threads,
+               n_parallel=max(concurrency), flash_attn="auto") as llm:
+        ours_single(llm, rng, 64, 8)  # warm-up: page the weights in, build the graphs
+        for r in range(repeats):
+            pp, tg = llama_bench(model, threads, n_prompt, n_gen)
+            ref_pp.append(pp)
+            ref_tg.append(tg)
+            pp, tg = ours_single(llm, rng, n_prompt, n_gen)
+            our_pp.append(pp)
+            our_tg.append(tg)
+            for c in concurrency:
+                agg[c].append(ours_aggregate(llm, rng, c, n_gen))
+            print(f"  {model.name} repeat {r + 1}/{repeats}: llama-bench pp {ref_pp[-1]:.1f} tg {ref_tg[-1]:.1f} | "
+                  f"pylocalai pp {our_pp[-1]:.1f} tg {our_tg[-1]:.1f} | agg "
+                  + " ".join(f"{c}:{agg[c][-1]:.1f}" for c in concurrency), file=sys.stderr, flush=True)
+        info = {k: llm.info[k] for k in ("architecture", "description", "n_params", "size_bytes")}
+    res: dict[str, Any] = {
+        "model": model.name,
+        "info": info,
+        "llama_bench": {"pp": summary(ref_pp), "tg": summary(ref_tg)},
+        "pylocalai": {"pp": summary(our_pp), "tg": summary(our_tg),
+                      "aggregate": {str(c): summary(v) for c, v in agg.items()}},
+    }
+    res["ratios"] = {
+        "pp": res["pylocalai"]["pp"]["median"] / res["llama_bench"]["pp"]["median"],
+        "tg": res["pylocalai"]["tg"]["median"] / res["llama_bench"]["tg"]["median"],
+        **{f"aggregate_{c}_vs_single": res["pylocalai"]["aggregate"][str(c)]["median"] / res["pylocalai"]["tg"]["median"]
+           for c in concurrency},
+    }
+    return res
+
+
+def resolve(name: str) -> Path:
+    from pylocalai.models import resolve_model_path
+
+    return resolve_model_path(name)
+
+
+def fmt(s: dict[str, float]) -> str:
+    return f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", action="append", required=True, help="a .gguf path or 'default' (repeatable)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--n-prompt", type=int, default=512)
+    ap.add_argument("--n-gen", type=int, default=128)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "engine.json")
+    args = ap.parse_args()
+    results = [bench_model(resolve(m), args.threads, args.repeats, args.n_prompt, args.n_gen, args.concurrency)
+               for m in args.model]
+    doc = {"threads": args.threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor()},
+           "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=2))
+    print(f"\nthreads={args.threads}; median (min-max) of {args.repeats} alternating runs; tok/s")
+    print("| model | llama-bench pp | pylocalai pp | ratio | llama-bench tg | pylocalai tg | ratio | "
+          + " | ".join(f"agg x{c}" for c in args.concurrency) + " | agg x4 / single |")
+    print("|---" * (7 + len(args.concurrency) + 1) + "|")
+    for r in results:
+        a = r["pylocalai"]["aggregate"]
+        print(f"| {r['model']} | {fmt(r['llama_bench']['pp'])} | {fmt(r['pylocalai']['pp'])} | {r['ratios']['pp']:.3f} | "
+              f"{fmt(r['llama_bench']['tg'])} | {fmt(r['pylocalai']['tg'])} | {r['ratios']['tg']:.3f} | "
+              + " | ".join(fmt(a[str(c)]) for c in args.concurrency)
+              + f" | {r['ratios'].get('aggregate_4_vs_single', float('nan')):.2f} |")
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""The direct Python API: `Llama(model_path).generate(...)`, `chat(...)`, `embed(...)`.
+
+One engine thread per Llama runs the continuous-batching scheduler, so generations started from
+several threads (or Trio tasks, through the `a*` variants) share each decoded batch. Leaving a
+stream early cancels its request and frees its slot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import trio
+
+from pylocalai.engine.backend import load_engine, map_engine_errors
+from pylocalai.engine.chat import ChatPlan, parse_answer, plan_chat
+from pylocalai.engine.scheduler import Scheduler
+from pylocalai.engine.types import (
+    EngineRequest,
+    Finished,
+    FinishReason,
+    GenerationEvent,
+    SamplingParams,
+    TextDelta,
+    TokenLogprob,
+    Usage,
+)
+from pylocalai.engine.worker import EngineWorker
+from pylocalai.errors import InvalidRequestError, PylocalaiError
+
+_FLASH_ATTN = {"auto": -1, "off": 0, "on": 1, False: 0, True: 1, -1: -1, 0: 0, 1: 1}
+_SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__)
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One piece of a generation stream. The last chunk carries finish_reason and usage."""
+
+    text: str
+    tokens: tuple[int, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    stop_sequence: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    text: str
+    tokens: tuple[int, ...]
+    finish_reason: str
+    usage: Usage
+    logprobs: tuple[TokenLogprob, ...] = ()
+    stop_sequence: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResult:
+    """An assistant message parsed by the model's chat format (tool calls, reasoning split out)."""
+
+    message: dict[str, Any]
+    finish_reason: str
+    usage: Usage
+    raw_text: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+
+
+def sampling_from(kwargs: dict[str, Any]) -> SamplingParams:
+    """Build SamplingParams from keyword arguments, naming any unknown one."""
+    unknown = set(kwargs) - _SAMPLING_FIELDS
+    if unknown:
+        raise InvalidRequestError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}", param=sorted(unknown)[0])
+    kw = dict(kwargs)
+    if isinstance(kw.get("stop"), str):
+        kw["stop"] = (kw["stop"],)
+    for key in ("stop", "grammar_triggers", "preserved_tokens"):
+        if key in kw and kw[key] is not None:
+            kw[key] = tuple(kw[key])
+    if "logit_bias" in kw and kw["logit_bias"] is not None:
+        lb = kw["logit_bias"]
+        items = lb.items() if isinstance(lb, dict) else lb
+        kw["logit_bias"] = tuple((int(t), float(b)) for t, b in items)
+    return SamplingParams(**{k: v for k, v in kw.items() if v is not None})
+
+
+def _chunk(ev: GenerationEvent) -> Chunk:
+    if isinstance(ev, TextDelta):
+        return Chunk(ev.text, ev.tokens, ev.logprobs)
+    if ev.error is not None:
+        raise ev.error
+    return Chunk("", finish_reason=ev.reason.value, usage=ev.usage, stop_sequence=ev.stop_sequence)
+
+
+class Llama:
+    """A loaded model with its own engine thread.
+
+    Parameters follow llama.cpp's names: n_ctx (0 = the model's training context), n_batch,
+    n_ubatch, n_threads / n_threads_batch (default: all cores), n_parallel (slots decoded together),
+    flash_attn ("auto" | "on" | "off"), cache_type_k / cache_type_v ("f16", "q8_0", ...),
+    kv_unified, swa_full, n_gpu_layers (-1 = all), main_gpu, tensor_split, use_mmap, use_mlock,
+    check_tensors, rope_freq_base, rope_freq_scale, rpc_servers, backend ("llama-cpp").
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str],
+        *,
+        backend: str = "llama-cpp",
+        n_ctx: int = 4096,
+        n_batch: int = 512,
+        n_ubatch: int = 512,
+        n_threads: int | None = None,
+        n_threads_batch: int | None = None,
+        n_parallel: int = 4,
+        flash_attn: str | bool | int = "auto",
+        cache_type_k: str = "f16",
+        cache_type_v: str = "f16",
+        kv_unified: bool = True,
+        swa_full: bool = False,
+        n_gpu_layers: int = -1,
+        main_gpu: int = 0,
+        tensor_split: Sequence[float] | None = None,
+        use_mmap: bool = True,
+        use_mlock: bool = False,
+        check_tensors: bool = False,
+        rope_freq_base: float = 0.0,
+        rope_freq_scale: float = 0.0,
+        rpc_servers: Sequence[str] | None = None,
+        cache_prompt: bool = True,
+        slot_prompt_similarity: float = 0.1,
+        chat_template: str | None = None,
+    ) -> None:
+        path = os.fspath(model_path)
+        if not os.path.isfile(path):
+            raise InvalidRequestError(f"model file not found: {path}", param="model_path")
+        if flash_attn not in _FLASH_ATTN:
+            raise InvalidRequestError("flash_attn must be 'auto', 'on' or 'off'", param="flash_attn")
+        if n_parallel < 1:
+            raise InvalidRequestError("n_parallel must be at least 1", param="n_parallel")
+        self._engine = load_engine(backend)
+        self.model_path = path
+        self._chat_template = chat_template or ""
+        model_params = {
+            "n_gpu_layers": n_gpu_layers,
+            "main_gpu": main_gpu,
+            "tensor_split": list(tensor_split or []),
+            "use_mmap": use_mmap,
+            "use_mlock": use_mlock,
+            "check_tensors": check_tensors,
+            "rpc_servers": list(rpc_servers or []),
+        }
+        self._ctx_params = {
+            "n_ctx": n_ctx,
+            "n_batch": n_batch,
+            "n_ubatch": n_ubatch,
+            "n_seq_max": n_parallel,
+            "n_threads": n_threads or -1,
+            "n_threads_batch": n_threads_batch or n_threads or -1,
+            "flash_attn": _FLASH_ATTN[flash_attn],
+            "type_k": cache_type_k,
+            "type_v": cache_type_v,
+            "kv_unified": kv_unified,
+            "swa_full": swa_full,
+            "rope_freq_base": rope_freq_base,
+            "rope_freq_scale": rope_freq_scale,
+        }
+        with map_engine_errors("model_path"):
+            self._model = self._engine.Model(path, model_params)
+        self.info: dict[str, Any] = dict(self._model.info)
+        with map_engine_errors():
+            self._session = self._engine.Session(self._model, self._ctx_params)
+        self._scheduler = Scheduler(
+            self._session,
+            recurrent=bool(self.info["recurrent"] or self.info["hybrid"]),
+            cache_prompt=cache_prompt,
+            slot_prompt_similarity=slot_prompt_similarity,
+        )
+        self._worker = EngineWorker(self._scheduler, name=os.path.basename(path))
+        self._embed_session: Any = None
+        self._embed_lock = threading.Lock()
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self._session.n_ctx)
+
+    @property
+    def n_ctx_seq(self) -> int:
+        return int(self._session.n_ctx_seq)
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self._scheduler
+
+    @property
+    def worker(self) -> EngineWorker:
+        return self._worker
+
+    def close(self) -> None:
+        """Stop the engine thread (running generations finish with an error) and free the model."""
+        self._worker.close()
+        self._embed_session = None
+
+    def __enter__(self) -> Llama:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ tokens
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        with map_engine_errors("text"):
+            return [int(t) for t in self._model.tokenize(text, add_special, parse_special)]
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+        with map_engine_errors("tokens"):
+            raw = self._model.detokenize(np.asarray(tokens, dtype=np.int32), False, special)
+        return bytes(raw).decode("utf-8", errors="replace")
+
+    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
+        with map_engine_errors("token"):
+            return bytes(self._model.token_to_piece(token, special))
+
+    # ------------------------------------------------------------ generation
+
+    def _request(self, prompt: str | Sequence[int], sampling: SamplingParams) -> EngineRequest:
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        return EngineRequest(uuid.uuid4().hex, tuple(tokens), sampling)
+
+    def generate(self, prompt: str | Sequence[int], **sampling: Any) -> Iterator[Chunk]:
+        """Stream a completion of a raw prompt (text, tokenized with BOS and special tokens, or ids)."""
+        req = self._request(prompt, sampling_from(sampling))
+        with self._worker.stream_sync(req) as events:
+            for ev in events:
+                yield _chunk(ev)
+
+    def complete(self, prompt: str | Sequence[int], **sampling: Any) -> Completion:
+        return _collect(self.generate(prompt, **sampling))
+
+    async def agenerate(self, prompt: str | Sequence[int], **sampling: Any) -> AsyncIterator[Chunk]:
+        """Trio variant of generate; close it (or use contextlib.aclosing) to cancel early."""
+        req = await trio.to_thread.run_sync(self._request, prompt, sampling_from(sampling))
+        async with self._worker.stream_trio(req) as events:
+            async for ev in events:
+                yield _chunk(ev)
+
+    async def acomplete(self, prompt: str | Sequence[int], **sampling: Any) -> Completion:
+        chunks = [c async for c in self.agenerate(prompt, **sampling)]
+        return _collect(iter(chunks))
+
+    # ------------------------------------------------------------ chat
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        tools: Sequence[dict[str, Any]] | None = None,
+        tool_choice: str = "auto",
+        parallel_tool_calls: bool = False,
+        add_generation_prompt: bool = True,
+        enable_thinking: bool = True,
+        json_schema: dict[str, Any] | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Render messages with the model's jinja chat template (llama.cpp's chat library).
+
+        Returns the prompt plus what generation needs: the grammar llama.cpp derives for the
+        template's tool-call syntax or a response schema, lazy-grammar triggers, extra stop
+        strings, and the format and parser that read the answer back.
+        """
+        kwargs = {k: json.dumps(v) for k, v in (template_kwargs or {}).items()}
+        with map_engine_errors("messages"):
+            return dict(
+                self._model.chat_apply(
+                    json.dumps(list(messages)),
+                    json.dumps(list(tools)) if tools else "",
+                    tool_choice,
+                    parallel_tool_calls,
+                    add_generation_prompt,
+                    enable_thinking,
+                    json.dumps(json_schema) if json_schema else "",
+                    "",
+                    self._chat_template,
+                    kwargs,
+                )
+            )
+
+    # ChatEngine protocol (pylocalai.engine.chat)
+    def render_chat(self, messages: Sequence[dict[str, Any]], *, tools: Sequence[dict[str, Any]] | None,
+                    tool_choice: str, parallel_tool_calls: bool, json_schema: dict[str, Any] | None,
+                    enable_thinking: bool, template_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+        return self.apply_chat_template(messages, tools=tools, tool_choice=tool_choice,
+                                        parallel_tool_calls=parallel_tool_calls, json_schema=json_schema,
+                                        enable_thinking=enable_thinking, template_kwargs=template_kwargs)
+
+    def schema_grammar(self, schema: dict[str, Any]) -> str:
+        with map_engine_errors("json_schema"):
+            return str(self._engine.json_schema_to_grammar(json.dumps(schema)))
+
+    def parse_rendered(self, text: str, rendered: dict[str, Any], *, is_partial: bool) -> dict[str, Any]:
+        with map_engine_errors():
+            out = self._model.chat_parse(
+                text, rendered["format"], rendered["parser"], rendered["generation_prompt"], True, True, is_partial
+            )
+        return dict(json.loads(out))
+
+    def single_token_ids(self, texts: Sequence[str]) -> list[int]:
+        out = []
+        for text in texts:
+            ids = self.tokenize(text, add_special=False, parse_special=True)
+            if len(ids) == 1:
+                out.append(ids[0])
+        return out
+
+    def _plan(self, messages: Sequence[dict[str, Any]], options: dict[str, Any], sampling: dict[str, Any]) -> tuple[EngineRequest, ChatPlan]:
+        plan = plan_chat(self, messages, **options)
+        kw = dict(plan.sampling)
+        stops = sampling.get("stop") or ()
+        stops = [stops] if isinstance(stops, str) else list(stops)
+        kw.update(sampling)
+        kw["stop"] = stops + [s for s in plan.sampling.get("stop", ()) if s not in stops]
+        return self._request(plan.prompt, sampling_from(kw)), plan
+
+    def chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        *,
+        tool_choice: str | dict[str, Any] = "auto",
+        parallel_tool_calls: bool = False,
+        json_schema: dict[str, Any] | None = None,
+        enable_thinking: bool = True,
+        **sampling: Any,
+    ) -> ChatResult:
+        """One assistant turn through the model's chat template; tool calls come back parsed.
+
+        tool_choice "required" or {"type": "function", "function": {"name": ...}} forces a call with
+        a grammar; "auto" lets the model choose; json_schema constrains a text answer.
+        """
+        options = {"tools": tools, "tool_choice": tool_choice, "parallel_tool_calls": parallel_tool_calls,
+                   "json_schema": json_schema, "enable_thinking": enable_thinking}
+        req, plan = self._plan(messages, options, sampling)
+        with self._worker.stream_sync(req) as events:
+            return self._chat_result(list(events), plan)
+
+    async def achat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        *,
+        tool_choice: str | dict[str, Any] = "auto",
+        parallel_tool_calls: bool = False,
+        json_schema: dict[str, Any] | None = None,
+        enable_thinking: bool = True,
+        **sampling: Any,
+    ) -> ChatResult:
+        options = {"tools": tools, "tool_choice": tool_choice, "parallel_tool_calls": parallel_tool_calls,
+                   "json_schema": json_schema, "enable_thinking": enable_thinking}
+        req, plan = await trio.to_thread.run_sync(self._plan, messages, options, sampling)
+        async with self._worker.stream_trio(req) as recv:
+            events = [ev async for ev in recv]
+        return await trio.to_thread.run_sync(self._chat_result, events, plan)
+
+    def chat_stream(self, messages: Sequence[dict[str, Any]], **sampling: Any) -> Iterator[Chunk]:
+        """Stream the raw text of one assistant turn (no tools; use chat() to get parsed tool calls)."""
+        req, _ = self._plan(messages, {}, sampling)
+        with self._worker.stream_sync(req) as events:
+            for ev in events:
+                yield _chunk(ev)
+
+    def _chat_result(self, events: list[GenerationEvent], plan: ChatPlan) -> ChatResult:
+        text = "".join(ev.text for ev in events if isinstance(ev, TextDelta))
+        fin = events[-1]
+        assert isinstance(fin, Finished)
+        if fin.error is not None:
+            raise fin.error
+        message = parse_answer(self, plan, text)
+        calls = list(message.get("tool_calls") or [])
+        reason = FinishReason.TOOL_CALLS.value if calls and fin.reason is FinishReason.STOP else fin.reason.value
+        return ChatResult(message, reason, fin.usage, raw_text=text, tool_calls=calls)
+
+    # ------------------------------------------------------------ embeddings
+
+    def embed(self, texts: str | Sequence[str], *, normalize: bool = True) -> np.ndarray:
+        """One pooled embedding per text (the model's pooling; mean over tokens when it has none)."""
+        items = [texts] if isinstance(texts, str) else list(texts)
+        if not items:
+            raise InvalidRequestError("no input to embed", param="input")
+        token_lists = [self.tokenize(t) for t in items]
+        with self._embed_lock:
+            if self._embed_session is None:
+                n = max(512, self._ctx_params["n_batch"])
+                params = dict(self._ctx_params, embeddings=True, n_seq_max=1, n_ctx=min(n, self.info["n_ctx_train"] or n))
+                params["n_batch"] = params["n_ubatch"] = params["n_ctx"]
+                with map_engine_errors():
+                    self._embed_session = self._engine.Session(self._model, params)
+            rows = []
+            for toks in token_lists:
+                with map_engine_errors("input"):
+                    rows.append(np.asarray(self._embed_session.embed(np.asarray(toks, dtype=np.int32), normalize)))
+        return np.stack(rows)
+
+    async def aembed(self, texts: str | Sequence[str], *, normalize: bool = True) -> np.ndarray:
+        return await trio.to_thread.run_sync(lambda: self.embed(texts, normalize=normalize))
+
+
+def _collect(chunks: Iterator[Chunk]) -> Completion:
+    text: list[str] = []
+    tokens: list[int] = []
+    logprobs: list[TokenLogprob] = []
+    for c in chunks:
+        text.append(c.text)
+        tokens.extend(c.tokens)
+        logprobs.extend(c.logprobs)
+        if c.finish_reason is not None:
+            assert c.usage is not None
+            return Completion("".join(text), tuple(tokens), c.finish_reason, c.usage, tuple(logprobs), c.stop_sequence)
+    raise PylocalaiError("generation ended without a finish event")

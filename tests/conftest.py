@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny random-weight GGUFs made at test time, the real SmolLM2 model, the built engine.
+
+Tests that need a built engine or the real model skip with the reason when those are missing. CI
+sets PYLOCALAI_REQUIRE_ALL=1, which turns every such skip into a failure, so CI runs them all.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import ggufgen
+
+REQUIRE_ALL = os.environ.get("PYLOCALAI_REQUIRE_ALL", "") not in ("", "0")
+
+
+def _missing(reason: str) -> None:
+    if REQUIRE_ALL:
+        pytest.fail(f"PYLOCALAI_REQUIRE_ALL is set but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def engine() -> Any:
+    try:
+        from pylocalai._engines import llama_cpp
+    except ImportError as exc:
+        _missing(f"the llama_cpp engine extension is not built ({exc}); run `pip install .`")
+    return llama_cpp
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ggufgen.write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny llama with Qwen2's BPE vocab, whose ChatML markers are single special tokens."""
+    vocab = ggufgen.ROOT / "third_party" / "llama.cpp" / "models" / "ggml-vocab-qwen2.gguf"
+    return ggufgen.write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny-qwen.gguf", vocab_path=vocab)
+
+
+@pytest.fixture(scope="session")
+def tiny_rwkv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ggufgen.write_tiny_rwkv6(tmp_path_factory.mktemp("gguf") / "tiny-rwkv6.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    from pylocalai.errors import ModelNotFoundError
+    from pylocalai.models import default_model_path
+
+    env = os.environ.get("PYLOCALAI_TEST_MODEL")
+    if env:
+        return Path(env)
+    try:
+        return default_model_path()
+    except ModelNotFoundError as exc:
+        _missing(f"the real test model is missing: {exc}")
+        raise
+
+
+@pytest.fixture(scope="session")
+def llama_simple() -> Path:
+    """llama.cpp's own llama-simple from the same tree (the greedy reference)."""
+    import pylocalai._engines as engines
+
+    path = Path(engines.__file__).parent / "bin" / "llama_cpp" / "llama-simple"
+    if not path.is_file():
+        _missing(f"{path} is missing; build with PYLOCALAI_BUILD_TOOLS=ON (the default)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2(engine: Any, smollm2_path: Path) -> Iterator[Any]:
+    from pylocalai import Llama
+
+    llm = Llama(smollm2_path, n_ctx=2048, n_parallel=4, n_threads=2)
+    yield llm
+    llm.close()

@@ -1,0 +1,318 @@
+"""The compiled engine and the Python API on a tiny random-weight llama GGUF (no downloads).
+
+Random weights give meaningless text, so these assert invariants: counts, finish reasons, shapes,
+determinism, grammar conformance, and that streamed text equals the detokenized tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import trio
+
+from pylocalai import ContextLengthError, InvalidRequestError, Llama
+
+pytestmark = pytest.mark.engine
+
+
+@pytest.fixture(scope="module")
+def llm(engine: Any, tiny_llama: Path) -> Iterator[Llama]:
+    with Llama(tiny_llama, n_ctx=512, n_batch=64, n_ubatch=64, n_parallel=4, n_threads=2) as m:
+        yield m
+
+
+def wait_until(cond: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.01)
+
+
+def test_model_metadata(llm: Llama) -> None:
+    info = llm.info
+    assert info["architecture"] == "llama"
+    assert info["n_layer"] == 2
+    assert info["n_vocab"] > 1000
+    assert info["n_params"] > 0 and info["size_bytes"] > 0
+    assert info["bos"] >= 0 and info["eos"] >= 0
+    assert info["eos"] in info["eog_tokens"]
+    assert "<|im_start|>" in info["chat_template"]
+    assert info["recurrent"] is False
+    assert llm.n_ctx == 512
+
+
+def test_tokenize_detokenize_round_trip(llm: Llama) -> None:
+    text = "Hello world, ünïcödé €"
+    toks = llm.tokenize(text, add_special=False)
+    assert toks and all(isinstance(t, int) for t in toks)
+    assert llm.detokenize(toks) == text
+    with_bos = llm.tokenize(text)
+    assert with_bos[0] == llm.info["bos"] and with_bos[1:] == toks
+
+
+def test_detokenize_rejects_ids_outside_the_vocabulary(llm: Llama) -> None:
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        llm.detokenize([10**7])
+
+
+def test_max_tokens_and_usage(llm: Llama) -> None:
+    out = llm.complete("Once upon a time", max_tokens=7, temperature=0.0, ignore_eos=True)
+    assert out.finish_reason == "length"
+    assert out.usage.completion_tokens == 7 == len(out.tokens)
+    assert out.usage.prompt_tokens == len(llm.tokenize("Once upon a time"))
+
+
+def test_greedy_is_deterministic(llm: Llama) -> None:
+    a = llm.complete("The sky is", max_tokens=16, temperature=0.0, ignore_eos=True)
+    b = llm.complete("The sky is", max_tokens=16, temperature=0.0, ignore_eos=True)
+    assert a.tokens == b.tokens
+
+
+def test_seeded_sampling_is_reproducible_and_seed_matters(llm: Llama) -> None:
+    kw: dict[str, Any] = {"max_tokens": 24, "temperature": 1.5, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "ignore_eos": True}
+    a = llm.complete("x", seed=1, **kw)
+    b = llm.complete("x", seed=1, **kw)
+    c = llm.complete("x", seed=2, **kw)
+    assert a.tokens == b.tokens
+    assert a.tokens != c.tokens
+
+
+def test_streamed_text_equals_detokenized_tokens(llm: Llama) -> None:
+    # random weights pick byte tokens too: multi-byte characters get split across tokens
+    for seed in range(3):
+        chunks = list(llm.generate("é", max_tokens=48, temperature=2.0, top_k=0, top_p=1.0, min_p=0.0, seed=seed, ignore_eos=True))
+        tokens = [t for c in chunks for t in c.tokens]
+        # (detokenize() would drop the first token's leading space, as at the start of a text)
+        raw = b"".join(llm.token_to_piece(t) for t in tokens)
+        assert "".join(c.text for c in chunks) == raw.decode("utf-8", errors="replace")
+        assert all("\ufffd" not in c.text for c in chunks) or "\ufffd" in raw.decode("utf-8", errors="replace")
+        assert chunks[-1].finish_reason == "length"
+
+
+def test_logit_bias_forces_a_token(llm: Llama) -> None:
+    target = llm.tokenize(" banana", add_special=False)[0]
+    out = llm.complete("x", max_tokens=3, temperature=0.0, logit_bias={target: 100.0}, ignore_eos=True)
+    assert out.tokens == (target,) * 3
+
+
+def test_logprobs(llm: Llama) -> None:
+    out = llm.complete("x", max_tokens=4, temperature=0.0, logprobs=3, ignore_eos=True)
+    assert len(out.logprobs) == 4
+    for lp in out.logprobs:
+        assert lp.logprob <= 0.0
+        assert len(lp.top) == 3
+        assert lp.top[0][0] == lp.token  # greedy picks the most likely token
+        assert lp.top[0][1] == pytest.approx(lp.logprob)
+        assert lp.top[0][1] >= lp.top[1][1] >= lp.top[2][1]
+
+
+def test_grammar_constrains_output(llm: Llama) -> None:
+    out = llm.complete("Answer:", grammar='root ::= ("yes" | "no") "."', max_tokens=10, temperature=1.0, seed=3)
+    assert out.text in ("yes.", "no.")
+    assert out.finish_reason == "stop"
+
+
+def test_json_schema_grammar_gives_valid_json(engine: Any, llm: Llama) -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}
+    gbnf = engine.json_schema_to_grammar(json.dumps(schema))
+    out = llm.complete("{", grammar=gbnf, max_tokens=40, temperature=0.0)
+    assert out.finish_reason == "stop"
+    assert isinstance(json.loads(out.text)["n"], int)
+
+
+def test_bad_grammar_is_a_request_error(llm: Llama) -> None:
+    with pytest.raises(InvalidRequestError):
+        llm.complete("x", grammar="root ::= (", max_tokens=2)
+    assert llm.complete("x", max_tokens=1).usage.completion_tokens == 1  # still serving
+
+
+def test_prompt_longer_than_context(llm: Llama) -> None:
+    with pytest.raises(ContextLengthError, match="512"):
+        llm.complete([1] * 600, max_tokens=1)
+
+
+def test_stop_string_spanning_tokens_is_cut(llm: Llama) -> None:
+    ref = llm.complete("abc", max_tokens=40, temperature=0.0, ignore_eos=True)
+    pieces = [llm.token_to_piece(t).decode("utf-8", "replace") for t in ref.tokens]
+    # a stop string made of the end of one token and the start of the next
+    i = next(i for i in range(1, len(pieces)) if len(pieces[i - 1]) >= 2 and len(pieces[i]) >= 2 and "\ufffd" not in pieces[i - 1] + pieces[i])
+    stop = pieces[i - 1][-2:] + pieces[i][:2]
+    out = llm.complete("abc", max_tokens=40, temperature=0.0, stop=[stop], ignore_eos=True)
+    assert out.finish_reason == "stop" and out.stop_sequence == stop
+    assert stop not in out.text
+    assert ref.text.startswith(out.text)
+    assert out.text == ref.text[: ref.text.index(stop)]
+
+
+def test_concurrent_generations_share_batches_and_match_solo(llm: Llama) -> None:
+    prompts = ["alpha", "beta gamma", "delta", "epsilon zeta eta"]
+    solo = [llm.complete(p, max_tokens=24, temperature=0.0, ignore_eos=True).tokens for p in prompts]
+    before = llm.scheduler.stats.max_seqs_per_step
+    results: dict[int, tuple[int, ...]] = {}
+
+    def work(i: int) -> None:
+        results[i] = llm.complete(prompts[i], max_tokens=24, temperature=0.0, ignore_eos=True).tokens
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(4)] == solo
+    assert llm.scheduler.stats.max_seqs_per_step >= 2 or before >= 2
+
+
+def test_leaving_a_stream_early_frees_the_slot(llm: Llama) -> None:
+    gen = llm.generate("x", max_tokens=400, temperature=0.0, ignore_eos=True)
+    first = next(gen)
+    assert first.text or first.tokens
+    assert llm.scheduler.active_slots >= 1
+    gen.close()
+    wait_until(lambda: llm.scheduler.active_slots == 0)
+
+
+def test_async_generate_and_cancellation(llm: Llama) -> None:
+    async def main() -> tuple[str, int]:
+        parts = []
+        async for chunk in llm.agenerate("x", max_tokens=5, temperature=0.0, ignore_eos=True):
+            parts.append(chunk)
+        with trio.move_on_after(0.05):
+            async for _ in llm.agenerate("x", max_tokens=100000, temperature=0.0, ignore_eos=True):
+                pass
+        return "".join(c.text for c in parts), parts[-1].usage.completion_tokens  # type: ignore[union-attr]
+
+    text, n = trio.run(main)
+    assert n == 5
+    wait_until(lambda: llm.scheduler.active_slots == 0)
+
+
+def test_chat_template_renders_messages(llm: Llama) -> None:
+    r = llm.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}])
+    assert r["prompt"] == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+# A Hermes-style template that renders tools and tool calls, so llama.cpp's chat library derives
+# the call format (and the grammar that forces it) from the template itself.
+TOOL_TEMPLATE = """{%- if tools %}<|im_start|>system
+You may call functions. Tools:
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+To call one, reply with <tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call><|im_end|>
+{% endif %}
+{%- for message in messages %}
+{%- if message.role == "assistant" and message.tool_calls %}<|im_start|>assistant
+{%- for tool_call in message.tool_calls %}
+<tool_call>
+{"name": "{{ tool_call.function.name }}", "arguments": {{ tool_call.function.arguments | tojson }}}
+</tool_call>
+{%- endfor %}<|im_end|>
+{% elif message.role == "tool" %}<|im_start|>user
+<tool_response>
+{{ message.content }}
+</tool_response><|im_end|>
+{% else %}<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+# enum arguments keep a random-weight model's answer short (a free string can run on forever)
+TIME = {"type": "function", "function": {"name": "get_time", "description": "Time",
+        "parameters": {"type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}}, "required": ["tz"]}}}
+DAY = {"type": "function", "function": {"name": "get_day", "description": "Day",
+       "parameters": {"type": "object", "properties": {"off": {"enum": [0, 1]}}, "required": ["off"]}}}
+
+
+@pytest.fixture(scope="module")
+def tool_llm(engine: Any, tiny_qwen: Path) -> Iterator[Llama]:
+    with Llama(tiny_qwen, n_ctx=1024, n_batch=64, n_ubatch=64, n_parallel=2, n_threads=2,
+               chat_template=TOOL_TEMPLATE) as m:
+        yield m
+
+
+def test_template_with_tools_renders_them(tool_llm: Llama) -> None:
+    r = tool_llm.apply_chat_template([{"role": "user", "content": "Hi"}], tools=[WEATHER])
+    assert '"name": "get_weather"' in r["prompt"]
+    assert r["prompt"].endswith("<|im_start|>assistant\n")
+    assert "<tool_call>" in r["preserved_tokens"]
+
+
+def test_required_tool_choice_forces_a_parsed_call(tool_llm: Llama) -> None:
+    res = tool_llm.chat([{"role": "user", "content": "Weather in Paris?"}], [WEATHER], tool_choice="required",
+                        max_tokens=120, temperature=0.0)
+    assert res.finish_reason == "tool_calls", res.raw_text
+    call = res.tool_calls[0]
+    assert call["function"]["name"] == "get_weather"
+    assert isinstance(json.loads(call["function"]["arguments"])["city"], str)
+    assert call["id"]
+    assert not res.message.get("content")
+
+
+def test_named_tool_choice_picks_that_function(tool_llm: Llama) -> None:
+    res = tool_llm.chat([{"role": "user", "content": "?"}], [WEATHER, TIME],
+                        tool_choice={"type": "function", "function": {"name": "get_time"}},
+                        max_tokens=200, temperature=0.0)
+    assert [c["function"]["name"] for c in res.tool_calls] == ["get_time"], res.raw_text
+    assert res.finish_reason == "tool_calls"
+
+
+def test_parallel_forced_calls_are_a_list(tool_llm: Llama) -> None:
+    res = tool_llm.chat([{"role": "user", "content": "?"}], [DAY, TIME], tool_choice="required",
+                        parallel_tool_calls=True, max_tokens=120, temperature=0.0)
+    # greedy random weights repeat calls until max_tokens: the finished ones are kept
+    assert len(res.tool_calls) >= 2, res.raw_text
+    assert res.raw_text.lstrip().startswith("[")
+    assert {c["function"]["name"] for c in res.tool_calls} <= {"get_day", "get_time"}
+    assert len({c["id"] for c in res.tool_calls}) == len(res.tool_calls)
+
+
+def test_tool_results_reach_the_template(tool_llm: Llama) -> None:
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    prompt = tool_llm.apply_chat_template(messages, tools=[WEATHER])["prompt"]
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}' in prompt
+    assert "<tool_response>\nsunny\n</tool_response>" in prompt
+
+
+def test_unknown_named_tool_is_a_request_error(tool_llm: Llama) -> None:
+    with pytest.raises(InvalidRequestError, match="nope"):
+        tool_llm.chat([{"role": "user", "content": "?"}], [WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}})
+
+
+def test_json_schema_response_format_through_chat(tool_llm: Llama) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    res = tool_llm.chat([{"role": "user", "content": "?"}], json_schema=schema, max_tokens=40, temperature=0.0)
+    assert res.finish_reason == "stop", res.raw_text
+    assert isinstance(json.loads(res.message["content"])["ok"], bool)
+
+
+def test_embeddings_are_pooled_and_normalized(llm: Llama) -> None:
+    e = llm.embed(["hello", "a longer sentence here"])
+    assert e.shape == (2, llm.info["n_embd"])
+    assert np.allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-4)
+    assert not np.allclose(e[0], e[1])
+    again = llm.embed("hello")
+    assert np.allclose(again[0], e[0], atol=1e-5)
+
+
+def test_unknown_sampling_parameter_is_named(llm: Llama) -> None:
+    with pytest.raises(InvalidRequestError, match="temprature"):
+        llm.complete("x", temprature=0.5)
