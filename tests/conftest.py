@@ -66,11 +66,9 @@ def smollm2_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def llama_simple() -> Path:
+def llama_simple(engine: Any) -> Path:
     """llama.cpp's own llama-simple from the same tree (the greedy reference)."""
-    import pylocalai._engines as engines
-
-    path = Path(engines.__file__).parent / "bin" / "llama_cpp" / "llama-simple"
+    path = Path(engine.__file__).parent / "bin" / "llama_cpp" / "llama-simple"
     if not path.is_file():
         _missing(f"{path} is missing; build with PYLOCALAI_BUILD_TOOLS=ON (the default)")
     return path
