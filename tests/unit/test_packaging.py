@@ -1,0 +1,89 @@
+"""The built extension: symbol isolation, built-in backends, the engine registry and the CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pylocalai.engine.backend import available_engines, engine_key, load_engine
+from pylocalai.errors import EngineUnavailableError, InvalidRequestError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.engine
+def test_extension_exports_only_its_init_function(engine: Any) -> None:
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("binutils' nm is not installed")
+    out = subprocess.run([nm, "-D", "--defined-only", engine.__file__], capture_output=True, text=True, check=True).stdout
+    exported = [line.split()[-1] for line in out.splitlines() if line.split()[1:2] in (["T"], ["D"], ["B"], ["W"], ["V"], ["i"], ["u"])]
+    # ggml/llama symbols stay hidden, so a second engine module can never bind to this one's
+    assert "PyInit_llama_cpp" in exported
+    assert not [s for s in exported if s.startswith(("llama_", "ggml_", "gguf_", "common_"))]
+
+
+@pytest.mark.engine
+def test_rpc_backend_and_cpu_features_are_built_in(engine: Any) -> None:
+    assert "AVX" in engine.system_info() or "NEON" in engine.system_info()
+    assert "f16" in engine.cache_type_names() and "q8_0" in engine.cache_type_names()
+    assert {"CPU", "RPC"} <= set(engine.backends())
+    # an unreachable RPC server is a clean error, not a process abort inside ggml
+    from pylocalai import EngineError, Llama
+
+    with pytest.raises(EngineError, match="cannot reach RPC server 127.0.0.1:1"):
+        Llama(__file__, rpc_servers=["127.0.0.1:1"])
+    with pytest.raises(InvalidRequestError, match="host:port"):
+        Llama(__file__, rpc_servers=["nohost"])
+
+
+def test_backend_names() -> None:
+    assert engine_key("llama-cpp") == engine_key("llama") == "llama_cpp"
+    with pytest.raises(InvalidRequestError, match="unknown backend"):
+        engine_key("nope")
+
+
+@pytest.mark.engine
+def test_load_engine(engine: Any) -> None:
+    assert load_engine("llama-cpp") is engine
+    assert "llama_cpp" in available_engines()
+
+
+def test_missing_engine_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    real = importlib.import_module
+
+    def fake(name: str, *a: Any) -> Any:
+        if name.startswith("pylocalai._engines."):
+            raise ImportError("not built")
+        return real(name, *a)
+
+    monkeypatch.setattr(importlib, "import_module", fake)
+    with pytest.raises(EngineUnavailableError, match="PYLOCALAI_ENGINES"):
+        load_engine("llama-cpp")
+
+
+@pytest.mark.engine
+def test_cli_run_streams_a_completion(engine: Any, tiny_llama: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pylocalai.cli", "run", str(tiny_llama), "Hello", "-n", "5", "--temperature", "0", "-v"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "5 generated tokens" in proc.stderr
+    assert proc.stdout.strip()
+
+
+def test_cli_reports_a_missing_model() -> None:
+    proc = subprocess.run([sys.executable, "-m", "pylocalai.cli", "run", "/nonexistent.gguf", "x"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "model file not found" in proc.stderr
