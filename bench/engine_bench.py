@@ -101,7 +101,9 @@ def bench_model(model: Path, threads: int, repeats: int, n_prompt: int, n_gen: i
     our_pp: list[float] = []
     our_tg: list[float] = []
     agg: dict[int, list[float]] = {c: [] for c in concurrency}
-    with Llama(model, n_ctx=4096, n_batch=512, n_ubatch=512, n_threads=threads,
+    # per-sequence KV: each of the max(concurrency) slots gets room for the prompt and the generation
+    n_ctx = max(concurrency) * 1024 * ((n_prompt + n_gen) // 1024 + 1)
+    with Llama(model, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
                n_parallel=max(concurrency), flash_attn="auto") as llm:
         ours_single(llm, rng, 64, 8)  # warm-up: page the weights in, build the graphs
         for r in range(repeats):

@@ -77,6 +77,7 @@ class SchedulerStats:
     tokens_decoded: int = 0
     max_seqs_per_step: int = 0  # most sequences that shared one decode (continuous batching at work)
     kv_full_retries: int = 0
+    engine_time_s: float = 0.0  # inside the native step (decode + sampling), GIL released
 
 
 class Scheduler:
@@ -183,7 +184,9 @@ class Scheduler:
             if plan is None:
                 return out
             tokens, pos, seqs, want, decoded = plan
+            t0 = time.perf_counter()
             status, rows = self._session.step(tokens, pos, seqs, want)
+            self.stats.engine_time_s += time.perf_counter() - t0
             if status == 0:
                 break
             self.stats.kv_full_retries += 1

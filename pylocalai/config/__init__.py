@@ -1,0 +1,1 @@
+"""LocalAI model configuration and prompt templating (pure Python, no engine imports)."""
