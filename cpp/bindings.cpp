@@ -284,6 +284,7 @@ void register_session(py::module_ & m) {
         .def("seq_rm", &Session::seq_rm)
         .def("seq_cp", &Session::seq_cp)
         .def("seq_keep", &Session::seq_keep)
+        .def("seq_add", &Session::seq_add)
         .def("seq_pos_max", &Session::seq_pos_max)
         .def("clear", &Session::clear)
         .def("can_shift", &Session::can_shift)

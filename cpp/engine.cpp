@@ -201,6 +201,12 @@ StepOutput Session::step(const std::vector<int32_t> & tokens, const std::vector<
 bool Session::seq_rm(int32_t seq, int32_t p0, int32_t p1) { return compat::seq_rm(ctx_, seq, p0, p1); }
 void Session::seq_cp(int32_t src, int32_t dst, int32_t p0, int32_t p1) { compat::seq_cp(ctx_, src, dst, p0, p1); }
 void Session::seq_keep(int32_t seq) { compat::seq_keep(ctx_, seq); }
+void Session::seq_add(int32_t seq, int32_t p0, int32_t p1, int32_t delta) {
+    if (!compat::can_shift(ctx_)) {
+        throw std::invalid_argument("this model's memory cannot shift positions (context shift unsupported)");
+    }
+    compat::seq_add(ctx_, seq, p0, p1, delta);
+}
 int32_t Session::seq_pos_max(int32_t seq) const { return compat::seq_pos_max(ctx_, seq); }
 void Session::clear() { compat::memory_clear(ctx_); }
 bool Session::can_shift() const { return compat::can_shift(ctx_); }

@@ -209,6 +209,7 @@ public:
     bool seq_rm(int32_t seq, int32_t p0, int32_t p1);
     void seq_cp(int32_t src, int32_t dst, int32_t p0, int32_t p1);
     void seq_keep(int32_t seq);
+    void seq_add(int32_t seq, int32_t p0, int32_t p1, int32_t delta);  // shift positions (context shift)
     int32_t seq_pos_max(int32_t seq) const;
     void clear();
     bool can_shift() const;

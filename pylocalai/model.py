@@ -144,6 +144,9 @@ class Llama:
         cache_prompt: bool = True,
         slot_prompt_similarity: float = 0.1,
         chat_template: str | None = None,
+        op_offload: bool = True,
+        context_shift: bool = False,
+        warmup: bool = False,
     ) -> None:
         path = os.fspath(model_path)
         if not os.path.isfile(path):
@@ -179,6 +182,7 @@ class Llama:
             "swa_full": swa_full,
             "rope_freq_base": rope_freq_base,
             "rope_freq_scale": rope_freq_scale,
+            "op_offload": op_offload,
         }
         with map_engine_errors("model_path"):
             self._model = self._engine.Model(path, model_params)
@@ -190,10 +194,20 @@ class Llama:
             recurrent=bool(self.info["recurrent"] or self.info["hybrid"]),
             cache_prompt=cache_prompt,
             slot_prompt_similarity=slot_prompt_similarity,
+            context_shift=context_shift,
         )
         self._worker = EngineWorker(self._scheduler, name=os.path.basename(path))
+        if warmup:
+            self._warm_up()
         self._embed_session: Any = None
         self._embed_lock = threading.Lock()
+
+    def _warm_up(self) -> None:
+        """One short generation so the first request does not pay for graph setup and page-in;
+        its cache is then dropped."""
+        first = self.info["bos"] if self.info["bos"] >= 0 else 0
+        self.complete([first], max_tokens=1, temperature=0.0, ignore_eos=True)
+        self._worker.call(self._scheduler.drop_idle_caches)
 
     # ------------------------------------------------------------ lifecycle
 

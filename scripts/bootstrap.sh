@@ -19,10 +19,10 @@ pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
 echo "[bootstrap] build and runtime dependencies"
 pip_install "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.21" ninja \
-  "numpy>=1.24" "trio>=0.22" "pyyaml>=6" "quart-trio>=0.11" "hypercorn>=0.16"
+  "numpy>=1.24" "trio>=0.25" "pyyaml>=6" "quart-trio>=0.11" "hypercorn>=0.16"
 if [ "$want_test" = 1 ]; then
   echo "[bootstrap] test dependencies"
-  pip_install "pytest>=8" "pytest-benchmark>=4"
+  pip_install "pytest>=8" "pytest-benchmark>=4" openai httpx
   # The CUDA configure test needs cuBLAS; a toolkit that is only nvcc + runtime gets NVIDIA's wheel.
   if command -v nvcc >/dev/null; then
     cuda_lib="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"

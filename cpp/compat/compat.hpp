@@ -26,6 +26,7 @@ std::string token_to_piece(const llama_vocab * vocab, int32_t token, bool specia
 bool seq_rm(llama_context * ctx, int32_t seq, int32_t p0, int32_t p1);
 void seq_cp(llama_context * ctx, int32_t src, int32_t dst, int32_t p0, int32_t p1);
 void seq_keep(llama_context * ctx, int32_t seq);
+void seq_add(llama_context * ctx, int32_t seq, int32_t p0, int32_t p1, int32_t delta);
 int32_t seq_pos_max(llama_context * ctx, int32_t seq);
 void memory_clear(llama_context * ctx);
 bool can_shift(llama_context * ctx);

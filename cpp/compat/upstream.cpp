@@ -226,6 +226,9 @@ void seq_cp(llama_context * ctx, int32_t src, int32_t dst, int32_t p0, int32_t p
     llama_memory_seq_cp(llama_get_memory(ctx), src, dst, p0, p1);
 }
 void seq_keep(llama_context * ctx, int32_t seq) { llama_memory_seq_keep(llama_get_memory(ctx), seq); }
+void seq_add(llama_context * ctx, int32_t seq, int32_t p0, int32_t p1, int32_t delta) {
+    llama_memory_seq_add(llama_get_memory(ctx), seq, p0, p1, delta);
+}
 int32_t seq_pos_max(llama_context * ctx, int32_t seq) { return llama_memory_seq_pos_max(llama_get_memory(ctx), seq); }
 void memory_clear(llama_context * ctx) { llama_memory_clear(llama_get_memory(ctx), true); }
 bool can_shift(llama_context * ctx) { return llama_memory_can_shift(llama_get_memory(ctx)); }

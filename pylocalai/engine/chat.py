@@ -104,17 +104,27 @@ def plan_chat(
     enable_thinking: bool = True,
     template_kwargs: dict[str, Any] | None = None,
     user_grammar: str = "",
+    prompt: str | None = None,
 ) -> ChatPlan:
+    """prompt: a prompt already rendered by the model config's Go templates (LocalAI mode); the
+    model's jinja template renders the messages otherwise."""
     offered, choice = select_tools(tools, tool_choice)
     forced = choice == "required"
-    rendered = engine.render_chat(
-        messages, tools=offered or None, tool_choice="auto" if forced else choice,
-        parallel_tool_calls=parallel_tool_calls, json_schema=None if forced else json_schema,
-        enable_thinking=enable_thinking, template_kwargs=template_kwargs,
-    )
+    if prompt is None:
+        rendered = engine.render_chat(
+            messages, tools=offered or None, tool_choice="auto" if forced else choice,
+            parallel_tool_calls=parallel_tool_calls, json_schema=None if forced else json_schema,
+            enable_thinking=enable_thinking, template_kwargs=template_kwargs,
+        )
+    else:
+        rendered = {"prompt": prompt, "grammar": "", "grammar_lazy": False, "grammar_triggers": [],
+                    "preserved_tokens": [], "additional_stops": [], "format": 0, "parser": b"",
+                    "generation_prompt": "", "go_template": True}
     sampling: dict[str, Any] = {}
     if user_grammar:
         sampling.update(grammar=user_grammar, grammar_kind="user")
+    elif json_schema is not None and not forced and rendered.get("go_template"):
+        sampling.update(grammar=engine.schema_grammar(json_schema), grammar_kind="user")
     elif forced:
         # our own grammar: the answer is exactly the call JSON, from the first token on
         sampling.update(grammar=engine.schema_grammar(forced_call_schema(offered, parallel=parallel_tool_calls)),
@@ -144,6 +154,12 @@ def parse_answer(engine: ChatEngine, plan: ChatPlan, text: str, *, is_partial: b
     """The assistant message in OpenAI shape: content, reasoning_content, tool_calls (with ids)."""
     if plan.forced_tools:
         message: dict[str, Any] = {"role": "assistant", "content": None, "tool_calls": _forced_calls(text, plan)}
+    elif plan.rendered.get("go_template"):
+        # LocalAI's Go-template mode: a call is the JSON the tool prompt asked for; anything else is text
+        calls = _forced_calls(text.strip(), plan) if plan.tool_names and text.lstrip().startswith(("{", "[")) else []
+        message = {"role": "assistant", "content": None if calls else text}
+        if calls:
+            message["tool_calls"] = calls
     else:
         message = engine.parse_rendered(text, plan.rendered, is_partial=is_partial)
         message["role"] = "assistant"

@@ -47,6 +47,7 @@ class SessionLike(Protocol):
     def drop_sampler(self, seq: int) -> None: ...
     def step(self, tokens: Any, pos: Any, seq_ids: Any, want_sample: Any) -> tuple[int, list[Any]]: ...
     def seq_rm(self, seq: int, p0: int, p1: int) -> bool: ...
+    def seq_add(self, seq: int, p0: int, p1: int, delta: int) -> None: ...
 
 
 class SlotState(enum.Enum):
@@ -77,6 +78,7 @@ class SchedulerStats:
     tokens_decoded: int = 0
     max_seqs_per_step: int = 0  # most sequences that shared one decode (continuous batching at work)
     kv_full_retries: int = 0
+    context_shifts: int = 0
     engine_time_s: float = 0.0  # inside the native step (decode + sampling), GIL released
 
 
@@ -96,6 +98,7 @@ class Scheduler:
         recurrent: bool = False,
         slot_prompt_similarity: float = 0.1,
         cache_prompt: bool = True,
+        context_shift: bool = False,
     ) -> None:
         self._session = session
         self._n_ctx_seq = int(session.n_ctx_seq)
@@ -110,6 +113,7 @@ class Scheduler:
         self._similarity = slot_prompt_similarity
         self._cache_prompt = cache_prompt
         self._prefill_budget = self._n_batch
+        self._context_shift = context_shift
         self.stats = SchedulerStats()
 
     # ------------------------------------------------------------ public
@@ -191,7 +195,7 @@ class Scheduler:
                 break
             self.stats.kv_full_retries += 1
             # No room in the KV cache for this batch: make room, or shrink the prompt chunk.
-            if self._drop_idle_caches():
+            if self.drop_idle_caches():
                 continue
             if any(slot.state is SlotState.PREFILL for slot, _ in decoded) and self._prefill_budget > 1:
                 self._prefill_budget = max(1, self._prefill_budget // 2)
@@ -315,8 +319,8 @@ class Scheduler:
             decoded,
         )
 
-    def _drop_idle_caches(self) -> bool:
-        """Free KV held by idle slots (their prefix cache); True if anything was freed."""
+    def drop_idle_caches(self) -> bool:
+        """Free KV held by idle slots (their prefix cache); True if anything was freed. Engine thread only."""
         freed = False
         for slot in self._slots:
             if slot.state is SlotState.IDLE and slot.cached:
@@ -354,8 +358,26 @@ class Scheduler:
         if limit is not None and slot.n_generated >= limit:
             events.extend(self._finish(slot, FinishReason.LENGTH))
         elif len(slot.cached) >= self._n_ctx_seq:  # no position left to decode it at
-            events.extend(self._finish(slot, FinishReason.LENGTH))
+            if not (self._context_shift and self._shift(slot)):
+                events.extend(self._finish(slot, FinishReason.LENGTH))
         return events
+
+    def _shift(self, slot: _Slot) -> bool:
+        """Context shift: drop the older half of the sequence after its first token (BOS) and move
+        the rest down, so generation can go on. False when the memory cannot shift positions."""
+        n_keep = 1
+        n_discard = (len(slot.cached) - n_keep) // 2
+        if n_discard <= 0 or not self._session.seq_rm(slot.seq, n_keep, n_keep + n_discard):
+            return False
+        try:
+            self._session.seq_add(slot.seq, n_keep + n_discard, -1, -n_discard)
+        except ValueError:
+            self._session.seq_rm(slot.seq, -1, -1)
+            slot.cached.clear()
+            return False
+        del slot.cached[n_keep : n_keep + n_discard]
+        self.stats.context_shifts += 1
+        return True
 
     def _delta(self, slot: _Slot, text: str) -> TextDelta:
         delta = TextDelta(text, tuple(slot.pending_tokens), tuple(slot.pending_logprobs))

@@ -240,3 +240,20 @@ def test_full_kv_cache_drops_idle_prefix_caches_then_shrinks_prefill() -> None:
 def test_n_slots_bounds() -> None:
     with pytest.raises(InvalidRequestError):
         Scheduler(FakeSession(n_seq_max=2), n_slots=3)
+
+
+def test_context_shift_keeps_generating_past_the_context() -> None:
+    sess = FakeSession(n_ctx_seq=8)
+    shifts: list[tuple[int, int, int, int]] = []
+
+    def seq_add(seq: int, p0: int, p1: int, delta: int) -> None:
+        shifts.append((seq, p0, p1, delta))
+
+    sess.seq_add = seq_add  # type: ignore[attr-defined]
+    sess.seq_rm = lambda seq, p0, p1: sess.kv[seq].__delitem__(slice(p0, p1 if p1 >= 0 else None)) is None  # type: ignore[method-assign]
+    sched = Scheduler(sess, context_shift=True)
+    sched.submit(req("a", [1, 2, 3], max_tokens=20))
+    fin = finished(run(sched)["a"])
+    assert fin.reason is FinishReason.LENGTH and fin.usage.completion_tokens == 20
+    assert sched.stats.context_shifts >= 2
+    assert shifts[0] == (0, 4, -1, -3)  # keep 1, drop the older half of the other 7 (3), move the rest down

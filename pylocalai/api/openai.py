@@ -1,0 +1,382 @@
+"""OpenAI-compatible chat completions (stream and non-stream), with tool calls and JSON output."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import trio
+from quart import Blueprint, Response, request
+
+from pylocalai.api import errors_openai
+from pylocalai.api.serving import (
+    PreparedChat,
+    generation,
+    prepare_chat,
+    registry,
+    resolve_model,
+    sampling_for,
+)
+from pylocalai.api.wire import (
+    SSE_DONE,
+    SSE_HEADERS,
+    dumps,
+    get_bool,
+    get_float,
+    get_int,
+    get_list,
+    get_logit_bias,
+    get_stop,
+    get_str,
+    require_object,
+    sse_data,
+)
+from pylocalai.config.prompt import message_text
+from pylocalai.engine.chat import parse_answer
+from pylocalai.engine.registry import LoadedModel
+from pylocalai.engine.types import Finished, FinishReason, TextDelta, TokenLogprob, Usage
+from pylocalai.errors import InvalidRequestError, PylocalaiError
+
+bp = Blueprint("openai", __name__)
+errors_openai.install(bp)
+
+ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+
+
+# ---------------------------------------------------------------- request parsing
+
+
+def parse_messages(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise InvalidRequestError("'messages' must be an array of message objects", param="messages")
+    if not value:
+        raise InvalidRequestError("'messages' must not be empty", param="messages")
+    out = []
+    for i, m in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise InvalidRequestError(f"{where} must be an object", param=where)
+        role = m.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise InvalidRequestError(f"{where}.role must be one of {sorted(ROLES)}", param=f"{where}.role")
+        msg: dict[str, Any] = {"role": "system" if role == "developer" else role,
+                               "content": message_text(m.get("content"), f"{where}.content")}
+        if role == "assistant" and m.get("tool_calls") is not None:
+            calls = m["tool_calls"]
+            if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls):
+                raise InvalidRequestError(f"{where}.tool_calls must be an array of function calls", param=f"{where}.tool_calls")
+            msg["tool_calls"] = [
+                {"id": str(c.get("id") or f"call_{j}"), "type": "function",
+                 "function": {"name": str(c["function"].get("name", "")),
+                              "arguments": c["function"].get("arguments") if isinstance(c["function"].get("arguments"), str)
+                              else json.dumps(c["function"].get("arguments") or {})}}
+                for j, c in enumerate(calls)
+            ]
+        if role == "tool":
+            msg["tool_call_id"] = str(m.get("tool_call_id") or "")
+        if isinstance(m.get("name"), str):
+            msg["name"] = m["name"]
+        if isinstance(m.get("reasoning_content"), str):
+            msg["reasoning_content"] = m["reasoning_content"]
+        out.append(msg)
+    return out
+
+
+def parse_tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, Any]:
+    tools = get_list(body, "tools")
+    if tools is None and isinstance(body.get("functions"), list):  # legacy functions
+        tools = [{"type": "function", "function": f} for f in body["functions"]]
+    if tools is not None:
+        for i, t in enumerate(tools):
+            fn = t.get("function") if isinstance(t, dict) else None
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+                raise InvalidRequestError(f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ...}}}}",
+                                          param=f"tools[{i}]")
+    choice = body.get("tool_choice", body.get("function_call", "auto"))
+    if isinstance(choice, str) and choice.startswith("{"):
+        try:
+            choice = json.loads(choice)
+        except json.JSONDecodeError:
+            raise InvalidRequestError("'tool_choice' is not valid JSON", param="tool_choice") from None
+    if choice is None:
+        choice = "auto"
+    if not isinstance(choice, str | dict):
+        raise InvalidRequestError("'tool_choice' must be a string or an object", param="tool_choice")
+    return tools, choice
+
+
+def parse_response_format(body: dict[str, Any]) -> dict[str, Any] | None:
+    rf = body.get("response_format")
+    if rf is None:
+        return None
+    if not isinstance(rf, dict) or rf.get("type") not in ("text", "json_object", "json_schema"):
+        raise InvalidRequestError("'response_format.type' must be text, json_object or json_schema", param="response_format")
+    if rf["type"] == "text":
+        return None
+    if rf["type"] == "json_object":
+        return {"type": "object"}
+    js = rf.get("json_schema")
+    schema = js.get("schema") if isinstance(js, dict) else None
+    if not isinstance(schema, dict):
+        raise InvalidRequestError("'response_format.json_schema.schema' must be a JSON schema object",
+                                  param="response_format.json_schema")
+    return schema
+
+
+def request_sampling(body: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI sampling fields (plus the llama.cpp extras LocalAI accepts) -> SamplingParams fields."""
+    max_tokens = get_int(body, "max_completion_tokens", lo=1) or get_int(body, "max_tokens", lo=1)
+    if body.get("max_tokens") is not None and get_int(body, "max_tokens") is not None and body["max_tokens"] <= 0:
+        raise InvalidRequestError("'max_tokens' must be at least 1", param="max_tokens")
+    return {
+        "max_tokens": max_tokens,
+        "temperature": get_float(body, "temperature", lo=0.0, hi=2.0),
+        "top_p": get_float(body, "top_p", lo=0.0, hi=1.0),
+        "top_k": get_int(body, "top_k", lo=0),
+        "min_p": get_float(body, "min_p", lo=0.0, hi=1.0),
+        "typical_p": get_float(body, "typical_p", lo=0.0, hi=1.0),
+        "presence_penalty": get_float(body, "presence_penalty", lo=-2.0, hi=2.0),
+        "frequency_penalty": get_float(body, "frequency_penalty", lo=-2.0, hi=2.0),
+        "repeat_penalty": get_float(body, "repeat_penalty", lo=0.0),
+        "repeat_last_n": get_int(body, "repeat_last_n", lo=-1),
+        "seed": get_int(body, "seed"),
+        "logit_bias": get_logit_bias(body) or None,
+        "ignore_eos": get_bool(body, "ignore_eos"),
+    }
+
+
+async def read_json() -> dict[str, Any]:
+    raw = await request.get_data()
+    try:
+        body = json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
+    return require_object(body)
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def logprobs_content(entry: LoadedModel, lps: tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:
+    llm = entry.llm
+    out = []
+    for lp in lps:
+        piece = llm.token_to_piece(lp.token)
+        out.append({
+            "id": lp.token, "token": piece.decode("utf-8", "replace"), "logprob": lp.logprob, "bytes": list(piece),
+            "top_logprobs": [{"id": t, "token": (p := llm.token_to_piece(t)).decode("utf-8", "replace"),
+                              "logprob": v, "bytes": list(p)} for t, v in lp.top],
+        })
+    return out
+
+
+def usage_json(u: Usage) -> dict[str, Any]:
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "total_tokens": u.total_tokens, "prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+
+
+def sum_usage(usages: list[Usage]) -> Usage:
+    return Usage(usages[0].prompt_tokens if usages else 0, sum(u.completion_tokens for u in usages),
+                 usages[0].cached_tokens if usages else 0)
+
+
+def _finish_reason(fin: Finished, calls: list[dict[str, Any]]) -> str:
+    return "tool_calls" if calls and fin.reason is FinishReason.STOP else fin.reason.value
+
+
+# ---------------------------------------------------------------- chat completions
+
+
+class ChatCall:
+    """One parsed /v1/chat/completions request."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+        self.cfg = resolve_model(body)
+        self.messages = parse_messages(body.get("messages"))
+        self.tools, self.tool_choice = parse_tools(body)
+        self.json_schema = parse_response_format(body)
+        self.stream = bool(get_bool(body, "stream", False))
+        opts = body.get("stream_options")
+        self.include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+        self.n = get_int(body, "n", 1, lo=1, hi=16)
+        self.parallel_tool_calls = bool(get_bool(body, "parallel_tool_calls", False))
+        lp = body.get("logprobs")
+        self.top_logprobs = get_int(body, "top_logprobs", lo=0, hi=20)
+        self.logprobs = (self.top_logprobs or 0) if lp else None
+        if lp is not None and not isinstance(lp, bool | int):
+            raise InvalidRequestError("'logprobs' must be a boolean", param="logprobs")
+        sampling = request_sampling(body)
+        sampling["logprobs"] = self.logprobs
+        self.sampling = sampling_for(self.cfg, sampling, get_stop(body))
+        self.grammar = get_str(body, "grammar", "")
+        self.reasoning_effort = get_str(body, "reasoning_effort", "")
+        meta = body.get("metadata")
+        self.metadata = {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else None
+        kwargs = body.get("chat_template_kwargs")
+        self.template_kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
+        if self.metadata:
+            for k, v in self.metadata.items():
+                self.template_kwargs.setdefault(k, {"true": True, "false": False}.get(v, v))
+        self.enable_thinking = self.reasoning_effort != "none" and self.template_kwargs.get("enable_thinking", True) is not False
+        self.id = "chatcmpl-" + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.model = body.get("model") or self.cfg.name
+
+    async def prepare(self, entry: LoadedModel, index: int) -> PreparedChat:
+        sampling = dict(self.sampling)
+        if index and sampling.get("seed") is not None:
+            sampling["seed"] = int(sampling["seed"]) + index  # n choices must differ
+        return await prepare_chat(
+            entry, self.messages, sampling, tools=self.tools, tool_choice=self.tool_choice,
+            parallel_tool_calls=self.parallel_tool_calls, json_schema=self.json_schema,
+            enable_thinking=self.enable_thinking, template_kwargs=self.template_kwargs, grammar=self.grammar,
+            reasoning_effort=self.reasoning_effort, metadata=self.metadata,
+        )
+
+    def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return sse_data({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                         "model": self.model, "system_fingerprint": None, "choices": choices, **extra})
+
+
+async def _run_one(call: ChatCall, entry: LoadedModel, index: int) -> tuple[dict[str, Any], Finished, list[TokenLogprob]]:
+    prep = await call.prepare(entry, index)
+    text: list[str] = []
+    lps: list[TokenLogprob] = []
+    async with generation(entry, prep.request) as events:
+        async for ev in events:
+            if isinstance(ev, TextDelta):
+                text.append(ev.text)
+                lps.extend(ev.logprobs)
+            else:
+                if ev.error is not None:
+                    raise ev.error
+                message = await trio.to_thread.run_sync(lambda: parse_answer(entry.llm, prep.plan, "".join(text)))
+                return message, ev, lps
+    raise PylocalaiError("generation ended without a finish event")
+
+
+@bp.post("/v1/chat/completions")
+@bp.post("/chat/completions")
+async def chat_completions() -> Response | tuple[Any, int]:
+    call = ChatCall(await read_json())
+    async with registry().use(call.cfg) as entry:
+        if call.stream:
+            # Tokenize and check the context before the 200: a bad request is still a 400.
+            preps = [await call.prepare(entry, i) for i in range(call.n)]
+            for p in preps:
+                entry.llm.scheduler.check(p.request)
+            return Response(_stream_chat(call, entry, preps), headers=SSE_HEADERS)  # type: ignore[arg-type]
+        results: list[Any] = [None] * call.n
+
+        async def one(i: int) -> None:
+            results[i] = await _run_one(call, entry, i)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(call.n):
+                nursery.start_soon(one, i)
+    choices = []
+    for i, (message, fin, lps) in enumerate(results):
+        calls = message.get("tool_calls") or []
+        msg: dict[str, Any] = {"role": "assistant", "content": message.get("content") if not calls else (message.get("content") or None)}
+        if message.get("reasoning_content"):
+            msg["reasoning_content"] = message["reasoning_content"]
+        if calls:
+            msg["tool_calls"] = [{"id": c["id"], "type": "function", "function": c["function"]} for c in calls]
+        choice: dict[str, Any] = {"index": i, "message": msg, "finish_reason": _finish_reason(fin, calls),
+                                  "logprobs": {"content": logprobs_content(entry, tuple(lps))} if call.logprobs is not None else None}
+        choices.append(choice)
+    usage = sum_usage([r[1].usage for r in results])
+    return {"id": call.id, "object": "chat.completion", "created": call.created, "model": call.model,
+            "system_fingerprint": None, "choices": choices, "usage": usage_json(usage)}, 200
+
+
+async def _stream_chat(call: ChatCall, entry: LoadedModel, preps: list[PreparedChat]) -> AsyncIterator[bytes]:
+    send, recv = trio.open_memory_channel[bytes](64)
+    usages: list[Usage] = []
+
+    async def produce(i: int, prep: PreparedChat, out: trio.MemorySendChannel[bytes]) -> None:
+        async with out:
+            async for frame in _stream_choice(call, entry, i, prep, usages):
+                await out.send(frame)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            async with send:
+                for i, prep in enumerate(preps):
+                    nursery.start_soon(produce, i, prep, send.clone())
+            async with recv:
+                async for frame in recv:
+                    yield frame
+        if call.include_usage:
+            yield call.chunk([], usage=usage_json(sum_usage(usages)))
+    except PylocalaiError as exc:
+        yield sse_data({"error": errors_openai.error_body(exc)["error"]})
+    yield SSE_DONE
+
+
+async def _stream_choice(call: ChatCall, entry: LoadedModel, index: int, prep: PreparedChat,
+                         usages: list[Usage]) -> AsyncIterator[bytes]:
+    plan = prep.plan
+    # Tool-capable output is parsed as it grows, so raw call syntax never leaks into content.
+    parse_live = bool(plan.tool_names) and not plan.forced_tools and not plan.rendered.get("go_template")
+    buffer_all = bool(plan.tool_names) and not parse_live
+    yield call.chunk([{"index": index, "delta": {"role": "assistant", "content": None}, "logprobs": None, "finish_reason": None}])
+    text = ""
+    sent_content = ""
+    sent_args: list[str] = []
+    sent_ids: list[str] = []
+
+    def tool_deltas(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        out = []
+        for j, c in enumerate(calls):
+            name, args = c["function"]["name"], c["function"].get("arguments") or ""
+            if not name:
+                continue
+            if j >= len(sent_ids):
+                sent_ids.append(c.get("id") or "call_" + uuid.uuid4().hex[:24])
+                sent_args.append("")
+                out.append({"index": j, "id": sent_ids[j], "type": "function", "function": {"name": name, "arguments": ""}})
+            if args.startswith(sent_args[j]) and len(args) > len(sent_args[j]):
+                out.append({"index": j, "function": {"arguments": args[len(sent_args[j]):]}})
+                sent_args[j] = args
+        return out
+
+    async with generation(entry, prep.request) as events:
+        async for ev in events:
+            if isinstance(ev, TextDelta):
+                text += ev.text
+                lp = {"content": logprobs_content(entry, ev.logprobs)} if call.logprobs is not None else None
+                if buffer_all:
+                    continue
+                if not parse_live:
+                    if ev.text or lp:
+                        yield call.chunk([{"index": index, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}])
+                    continue
+                msg = await trio.to_thread.run_sync(lambda: parse_answer(entry.llm, plan, text, is_partial=True))
+                content = msg.get("content") or ""
+                if content.startswith(sent_content) and len(content) > len(sent_content):
+                    yield call.chunk([{"index": index, "delta": {"content": content[len(sent_content):]}, "logprobs": lp, "finish_reason": None}])
+                    sent_content = content
+                deltas = tool_deltas(msg.get("tool_calls") or [])
+                if deltas:
+                    yield call.chunk([{"index": index, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None}])
+                continue
+            if ev.error is not None:
+                raise ev.error
+            usages.append(ev.usage)
+            calls: list[dict[str, Any]] = []
+            if plan.tool_names:
+                msg = await trio.to_thread.run_sync(lambda: parse_answer(entry.llm, plan, text))
+                calls = msg.get("tool_calls") or []
+                content = msg.get("content") or ""
+                if content.startswith(sent_content) and len(content) > len(sent_content):
+                    yield call.chunk([{"index": index, "delta": {"content": content[len(sent_content):]}, "logprobs": None, "finish_reason": None}])
+                deltas = tool_deltas(calls)
+                if deltas:
+                    yield call.chunk([{"index": index, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None}])
+            yield call.chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": _finish_reason(ev, calls)}])
+            return

@@ -1,0 +1,109 @@
+"""What every protocol module needs to serve a request: the registry, model resolution, request
+defaults from the model config, prompt planning, and the engine's event stream. Protocol-neutral."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+from quart import current_app, request
+
+from pylocalai.config.model_config import ModelConfig
+from pylocalai.config.prompt import render_chat
+from pylocalai.engine.chat import ChatPlan, plan_chat
+from pylocalai.engine.registry import LoadedModel, ModelRegistry
+from pylocalai.engine.types import EngineRequest, GenerationEvent, SamplingParams
+from pylocalai.errors import InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+_PARAM_DEFAULTS = {"temperature", "top_p", "top_k", "min_p", "typical_p", "repeat_penalty", "repeat_last_n",
+                   "frequency_penalty", "presence_penalty", "seed", "max_tokens", "ignore_eos"}
+
+
+def registry() -> ModelRegistry:
+    reg: ModelRegistry = current_app.config["PYLOCALAI_REGISTRY"]
+    return reg
+
+
+def bearer_token() -> str | None:
+    auth = request.headers.get("Authorization", "")
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else None
+
+
+def resolve_model(body: dict[str, Any]) -> ModelConfig:
+    name = body.get("model")
+    if name is not None and not isinstance(name, str):
+        raise InvalidRequestError("'model' must be a string", param="model")
+    return registry().resolve(name or None, bearer_token())
+
+
+def sampling_for(cfg: ModelConfig, request_fields: dict[str, Any], stop: Sequence[str] = ()) -> dict[str, Any]:
+    """Config `parameters:` defaults, overridden by the request's own fields; stop strings are the
+    config's stopwords plus the request's."""
+    out: dict[str, Any] = {k: v for k, v in cfg.parameters.items() if k in _PARAM_DEFAULTS}
+    if out.get("seed") is not None and int(out["seed"]) < 0:
+        out.pop("seed")
+    if out.get("max_tokens") in (0, None):
+        out.pop("max_tokens", None)
+    if out.get("repeat_penalty") in (0, 0.0):
+        out.pop("repeat_penalty")
+    out.update({k: v for k, v in request_fields.items() if v is not None})
+    out["stop"] = tuple(dict.fromkeys([*cfg.stopwords, *stop]))
+    return out
+
+
+def make_request(tokens: Sequence[int], sampling: dict[str, Any]) -> EngineRequest:
+    try:
+        params = SamplingParams(**sampling)
+    except TypeError as exc:
+        raise InvalidRequestError(f"invalid sampling parameters: {exc}") from None
+    return EngineRequest(uuid.uuid4().hex, tuple(tokens), params)
+
+
+@dataclass
+class PreparedChat:
+    plan: ChatPlan
+    request: EngineRequest
+
+
+async def prepare_chat(entry: LoadedModel, messages: list[dict[str, Any]], sampling: dict[str, Any], *,
+                       tools: list[dict[str, Any]] | None, tool_choice: Any, parallel_tool_calls: bool,
+                       json_schema: dict[str, Any] | None, enable_thinking: bool = True,
+                       template_kwargs: dict[str, Any] | None = None, grammar: str = "",
+                       reasoning_effort: str = "", metadata: dict[str, str] | None = None) -> PreparedChat:
+    """Render (Go templates or jinja), pick the grammar, tokenize: off the event loop."""
+    cfg, llm = entry.config, entry.llm
+
+    def work() -> PreparedChat:
+        prompt = None
+        if not cfg.uses_jinja:
+            fns = [t.get("function", t) for t in tools or []] if tool_choice != "none" else []
+            prompt = render_chat(cfg, messages, functions=fns, use_functions=bool(fns),
+                                 reasoning_effort=reasoning_effort, metadata=metadata)
+        plan = plan_chat(llm, messages, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
+                         json_schema=json_schema, enable_thinking=enable_thinking, template_kwargs=template_kwargs,
+                         user_grammar=grammar, prompt=prompt)
+        kw = dict(plan.sampling)
+        kw.update({k: v for k, v in sampling.items() if k != "stop"})
+        kw["stop"] = tuple(dict.fromkeys([*sampling.get("stop", ()), *plan.sampling.get("stop", ())]))
+        tokens = llm.tokenize(plan.prompt)
+        return PreparedChat(plan, make_request(tokens, kw))
+
+    return await trio.to_thread.run_sync(work)
+
+
+async def tokenize(entry: LoadedModel, text: str) -> list[int]:
+    return await trio.to_thread.run_sync(entry.llm.tokenize, text)
+
+
+@asynccontextmanager
+async def generation(entry: LoadedModel, req: EngineRequest) -> AsyncIterator[trio.MemoryReceiveChannel[GenerationEvent]]:
+    """The engine's events for req; leaving the block early (error, client gone) cancels it."""
+    async with entry.llm.worker.stream_trio(req) as events:
+        yield events

@@ -1,0 +1,178 @@
+"""Model name -> loaded model. Lazy loading (once, concurrent first requests wait for the same
+load), at most N loaded (least recently used unloaded first, never one in use), idle unload."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from pylocalai.config.model_config import ModelCatalog, ModelConfig
+from pylocalai.engine.backend import engine_key
+from pylocalai.errors import InvalidRequestError, ModelNotFoundError, PylocalaiError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineDefaults:
+    """Server-wide defaults a model config may override."""
+
+    threads: int | None = None
+    context_size: int = 4096
+    parallel: int = 4
+    gpu_layers: int = -1
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    llm: Any  # pylocalai.model.Llama
+    in_use: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class ModelRegistry:
+    def __init__(self, catalog: ModelCatalog, defaults: EngineDefaults, *, max_loaded: int = 1,
+                 idle_unload_s: float | None = None) -> None:
+        self.catalog = catalog
+        self.defaults = defaults
+        self.max_loaded = max(1, max_loaded)
+        self.idle_unload_s = idle_unload_s
+        self._loaded: dict[str, LoadedModel] = {}
+        self._loading: dict[str, trio.Event] = {}
+        self._load_errors: dict[str, PylocalaiError] = {}
+        for name, cfg in list(catalog.configs.items()):
+            try:
+                engine_key(cfg.backend)
+            except InvalidRequestError as exc:
+                catalog.errors.append(f"{cfg.source}: field 'backend': {exc}")
+                del catalog.configs[name]
+
+    # ------------------------------------------------------------ names
+
+    def names(self) -> list[str]:
+        return self.catalog.names()
+
+    def resolve(self, requested: str | None, bearer: str | None = None) -> ModelConfig:
+        """Body `model`, else a bearer token naming a model, else the only model there is."""
+        if requested:
+            cfg = self.catalog.get(requested)
+            if cfg is None:
+                raise ModelNotFoundError(f"model {requested!r} not found. To see available models, call GET /v1/models",
+                                         param="model")
+            return cfg
+        if bearer and (cfg := self.catalog.get(bearer)) is not None:
+            return cfg
+        names = self.catalog.names()
+        if len(names) == 1:
+            return self.catalog.configs[names[0]]
+        if not names:
+            raise ModelNotFoundError("no model is configured", param="model")
+        raise InvalidRequestError("'model' is required when several models are configured", param="model")
+
+    def loaded(self) -> list[str]:
+        return list(self._loaded)
+
+    # ------------------------------------------------------------ loading
+
+    @asynccontextmanager
+    async def use(self, cfg: ModelConfig) -> AsyncIterator[LoadedModel]:
+        """The loaded model for cfg, held in use (never unloaded) until the block ends."""
+        entry = await self._get(cfg)
+        entry.in_use += 1
+        entry.last_used = time.monotonic()
+        try:
+            yield entry
+        finally:
+            entry.in_use -= 1
+            entry.last_used = time.monotonic()
+
+    async def _get(self, cfg: ModelConfig) -> LoadedModel:
+        while True:
+            if (entry := self._loaded.get(cfg.name)) is not None:
+                return entry
+            if (event := self._loading.get(cfg.name)) is not None:
+                await event.wait()
+                if (err := self._load_errors.get(cfg.name)) is not None:
+                    raise err
+                continue
+            event = self._loading[cfg.name] = trio.Event()
+            self._load_errors.pop(cfg.name, None)
+            try:
+                await self._make_room()
+                llm = await trio.to_thread.run_sync(self._load_sync, cfg)
+                entry = self._loaded[cfg.name] = LoadedModel(cfg, llm)
+                return entry
+            except PylocalaiError as exc:
+                self._load_errors[cfg.name] = exc
+                raise
+            finally:
+                del self._loading[cfg.name]
+                event.set()
+
+    def _load_sync(self, cfg: ModelConfig) -> Any:
+        from pylocalai.model import Llama
+
+        d = self.defaults
+        o = cfg.options
+        parallel = o.parallel or d.parallel
+        if not o.cont_batching:
+            parallel = 1
+        ctx = cfg.context_size or d.context_size
+        unified = bool(o.kv_unified)
+        log.info("loading model %s from %s", cfg.name, cfg.model_path)
+        if not cfg.model_path.is_file():
+            raise ModelNotFoundError(f"model {cfg.name!r}: file {cfg.model_path.name} is missing from the models folder",
+                                     param="model")
+        t0 = time.monotonic()
+        llm = Llama(
+            cfg.model_path, backend=cfg.backend,
+            n_ctx=ctx if unified else ctx * parallel,  # context_size is per request
+            n_batch=cfg.batch, n_ubatch=cfg.batch,
+            n_threads=cfg.threads or d.threads, n_parallel=parallel,
+            flash_attn=cfg.flash_attention, cache_type_k=cfg.cache_type_k, cache_type_v=cfg.cache_type_v,
+            kv_unified=unified, swa_full=o.swa_full, n_gpu_layers=d.gpu_layers if cfg.gpu_layers is None else cfg.gpu_layers,
+            use_mmap=cfg.mmap, use_mlock=cfg.mlock, check_tensors=o.check_tensors, op_offload=not o.no_op_offload,
+            rpc_servers=list(o.rpc_servers), slot_prompt_similarity=o.slot_prompt_similarity,
+            context_shift=o.context_shift, warmup=o.warmup,
+        )
+        log.info("loaded model %s in %.2f s", cfg.name, time.monotonic() - t0)
+        return llm
+
+    async def _make_room(self) -> None:
+        while len(self._loaded) + len(self._loading) > self.max_loaded:
+            idle = [e for e in self._loaded.values() if e.in_use == 0]
+            if not idle:
+                return  # everything is busy: allow the extra model rather than fail the request
+            victim = min(idle, key=lambda e: e.last_used)
+            await self.unload(victim.config.name)
+
+    async def unload(self, name: str) -> None:
+        entry = self._loaded.pop(name, None)
+        if entry is not None:
+            log.info("unloading model %s", name)
+            await trio.to_thread.run_sync(entry.llm.close)
+
+    async def unload_idle(self) -> None:
+        if self.idle_unload_s is None:
+            return
+        now = time.monotonic()
+        for entry in list(self._loaded.values()):
+            if entry.in_use == 0 and now - entry.last_used > self.idle_unload_s:
+                await self.unload(entry.config.name)
+
+    async def close(self) -> None:
+        for name in list(self._loaded):
+            await self.unload(name)
+
+
+def env_int(name: str) -> int | None:
+    v = os.environ.get(name)
+    return int(v) if v and v.strip().lstrip("-").isdigit() else None

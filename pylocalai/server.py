@@ -1,0 +1,128 @@
+"""create_app(settings) -> QuartTrio: the HTTP server over the model registry."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+from quart import request
+from quart_trio import QuartTrio
+
+from pylocalai.api import errors_openai
+from pylocalai.api.openai import bp as openai_bp
+from pylocalai.api.openai_text import bp as openai_text_bp
+from pylocalai.config.model_config import ModelCatalog, ModelConfig, load_catalog
+from pylocalai.engine.registry import EngineDefaults, ModelRegistry
+from pylocalai.errors import AuthenticationError, PylocalaiError
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS = {"/healthz", "/readyz"}
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    models_path: Path = Path("models")
+    api_keys: tuple[str, ...] = ()
+    defaults: EngineDefaults = EngineDefaults()
+    max_loaded_models: int = 1
+    idle_unload_s: float | None = None
+    cors_origins: tuple[str, ...] = ()
+    max_body_bytes: int = 32 * 1024 * 1024
+    default_model: Path | None = field(default=None)  # served when the models folder holds no model
+
+
+def build_catalog(settings: ServerSettings) -> ModelCatalog:
+    catalog = load_catalog(settings.models_path)
+    if not catalog.configs and settings.default_model is not None:
+        catalog.configs[DEFAULT_MODEL_NAME] = ModelConfig(
+            name=DEFAULT_MODEL_NAME, model_path=settings.default_model, source="<default model>",
+        )
+    return catalog
+
+
+def create_app(settings: ServerSettings) -> QuartTrio:
+    app = QuartTrio(__name__)
+    app.config["RESPONSE_TIMEOUT"] = None  # long streams must not be cut at Quart's 60 s default
+    app.config["BODY_TIMEOUT"] = 60
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    catalog = build_catalog(settings)
+    reg = ModelRegistry(catalog, settings.defaults, max_loaded=settings.max_loaded_models,
+                        idle_unload_s=settings.idle_unload_s)
+    app.config["PYLOCALAI_REGISTRY"] = reg
+    app.config["PYLOCALAI_READY"] = True
+    keys = [k.encode() for k in settings.api_keys if k]
+
+    @app.before_request
+    async def _auth() -> None:
+        if request.method == "OPTIONS" or request.path in OPEN_PATHS or not keys:
+            return
+        auth = request.headers.get("Authorization", "")
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+        if not any(hmac.compare_digest(given.encode(), k) for k in keys):
+            raise AuthenticationError("An authentication key is required (Authorization: Bearer or x-api-key)")
+
+    @app.errorhandler(PylocalaiError)
+    async def _app_error(exc: PylocalaiError) -> tuple[dict[str, Any], int, dict[str, str]]:
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthenticationError) else {}
+        return errors_openai.error_body(exc), errors_openai.STATUS[exc.kind], headers
+
+    @app.errorhandler(404)
+    async def _not_found(exc: Exception) -> tuple[dict[str, Any], int]:
+        return {"error": {"message": f"Resource not found: {request.path}", "type": "invalid_request_error",
+                          "param": None, "code": 404}}, 404
+
+    @app.errorhandler(405)
+    async def _bad_method(exc: Exception) -> tuple[dict[str, Any], int]:
+        return {"error": {"message": f"Method {request.method} is not allowed on {request.path}",
+                          "type": "invalid_request_error", "param": None, "code": 405}}, 405
+
+    @app.errorhandler(Exception)
+    async def _unexpected(exc: Exception) -> tuple[dict[str, Any], int]:
+        log.exception("unhandled error on %s", request.path)
+        return {"error": {"message": f"internal error: {exc}", "type": "server_error", "param": None,
+                          "code": "server_error"}}, 500
+
+    if settings.cors_origins:
+        @app.after_request
+        async def _cors(resp: Any) -> Any:
+            origin = request.headers.get("Origin")
+            if origin and ("*" in settings.cors_origins or origin in settings.cors_origins):
+                resp.headers["Access-Control-Allow-Origin"] = origin
+                resp.headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, x-api-key, anthropic-version"
+                resp.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+            return resp
+
+    @app.get("/healthz")
+    async def _healthz() -> tuple[str, int]:
+        return "", 200
+
+    @app.get("/readyz")
+    async def _readyz() -> tuple[dict[str, Any], int]:
+        return {"status": "ready", "models": reg.names(), "loaded": reg.loaded(),
+                "config_errors": catalog.errors}, 200
+
+    app.register_blueprint(openai_bp)
+    app.register_blueprint(openai_text_bp)
+
+    @app.while_serving
+    async def _lifespan() -> Any:
+        async with trio.open_nursery() as nursery:
+            if settings.idle_unload_s:
+                nursery.start_soon(_idle_unloader, reg, settings.idle_unload_s)
+            yield
+            nursery.cancel_scope.cancel()
+        await reg.close()
+
+    return app
+
+
+async def _idle_unloader(reg: ModelRegistry, idle_unload_s: float) -> None:
+    while True:
+        await trio.sleep(max(1.0, idle_unload_s / 4))
+        await reg.unload_idle()
