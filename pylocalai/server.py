@@ -104,7 +104,7 @@ def create_app(settings: ServerSettings) -> QuartTrio:
 
     @app.get("/readyz")
     async def _readyz() -> tuple[dict[str, Any], int]:
-        return {"status": "ready", "models": reg.names(), "loaded": reg.loaded(),
+        return {"status": "ready", "models": reg.names(), "loaded": reg.loaded_status(),
                 "config_errors": catalog.errors}, 200
 
     app.register_blueprint(openai_bp)

@@ -194,8 +194,10 @@ def safe_model_file(models_dir: Path, name: str, where: str) -> Path:
     if not name or os.path.isabs(name) or any(part == ".." for part in Path(name).parts):
         raise ConfigError(f"{where}: model file {name!r} must be a relative path inside the models folder",
                           param="model")
-    path = (models_dir / name).resolve()
-    if models_dir.resolve() not in path.parents:
+    # normalized, not resolved: a symlink the admin placed in the models folder is fine
+    root = Path(os.path.abspath(models_dir))
+    path = Path(os.path.normpath(root / name))
+    if root not in path.parents:
         raise ConfigError(f"{where}: model file {name!r} escapes the models folder", param="model")
     return path
 
@@ -328,8 +330,9 @@ def load_catalog(models_dir: str | os.PathLike[str], env: dict[str, str] | None 
             catalog.configs[cfg.name] = cfg
             referenced.add(cfg.model_path)
     for path in sorted(root.glob("*.gguf")):
-        if path.resolve() not in referenced and path.name not in catalog.configs:
-            catalog.configs[path.name] = ModelConfig(name=path.name, model_path=path.resolve(), source=path.name)
+        full = Path(os.path.abspath(path))
+        if full not in referenced and path.name not in catalog.configs:
+            catalog.configs[path.name] = ModelConfig(name=path.name, model_path=full, source=path.name)
     for err in catalog.errors:
         log.error("model config skipped: %s", err)
     return catalog

@@ -80,6 +80,16 @@ class ModelRegistry:
     def loaded(self) -> list[str]:
         return list(self._loaded)
 
+    def loaded_status(self) -> dict[str, dict[str, Any]]:
+        """Per loaded model: slots, activity and scheduler counters (for /readyz and tests)."""
+        out = {}
+        for name, e in self._loaded.items():
+            sched = e.llm.scheduler
+            out[name] = {"n_slots": sched.n_slots, "active_slots": sched.active_slots, "queued": sched.queued,
+                         "n_ctx_seq": sched.n_ctx_seq, "in_use": e.in_use, "steps": sched.stats.steps,
+                         "max_seqs_per_step": sched.stats.max_seqs_per_step}
+        return out
+
     # ------------------------------------------------------------ loading
 
     @asynccontextmanager

@@ -123,6 +123,10 @@ class Scheduler:
         return self._n_ctx_seq
 
     @property
+    def n_slots(self) -> int:
+        return len(self._slots)
+
+    @property
     def active_slots(self) -> int:
         return sum(1 for s in self._slots if s.state is not SlotState.IDLE)
 

@@ -1,0 +1,345 @@
+"""The server over real HTTP on 127.0.0.1 with SmolLM2: the official openai SDK, plus raw HTTP for
+exact wire checks, errors, auth, model resolution, configs, options and templates."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CHATML_GO = {
+    "chat_message": (
+        "<|im_start|>{{ .RoleName }}\n{{ if .FunctionCall -}}\nFunction call:\n{{ else if eq .RoleName \"tool\" -}}\n"
+        "Function response:\n{{ end -}}\n{{ if .Content -}}\n{{.Content }}\n{{ end -}}\n{{ if .FunctionCall -}}\n"
+        "{{toJson .FunctionCall}}\n{{ end -}}<|im_end|>\n"
+    ),
+    "chat": "{{.Input -}}\n<|im_start|>assistant\n",
+    "completion": "Q: {{.Input}}\nA:",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    def __init__(self, models: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = models.parent / f"server-{self.port}.log"
+        cmd = [sys.executable, "-m", "pylocalai.cli", "serve", "--address", f"127.0.0.1:{self.port}",
+               "--models-path", str(models), "--threads", "2", "--context-size", "1024", *extra]
+        self._log_file = self.log.open("w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+            if self.proc.poll() is not None:
+                break
+        self.stop()
+        raise AssertionError("server did not start:\n" + self.log.read_text()[-3000:])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log_file.close()
+
+    def ready(self) -> dict[str, Any]:
+        return dict(httpx.get(self.url + "/readyz", timeout=10).json())
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> Path:
+    d = tmp_path_factory.mktemp("models")
+    (d / "smollm2.gguf").symlink_to(smollm2_path)
+    (d / "smol.yaml").write_text(json.dumps({
+        "name": "smol", "parameters": {"model": "smollm2.gguf", "temperature": 0.0},
+        "context_size": 1024, "options": ["parallel:4"],
+    }))
+    (d / "smol-go.yaml").write_text(json.dumps({
+        "name": "smol-go", "parameters": {"model": "smollm2.gguf", "temperature": 0.0},
+        "template": CHATML_GO, "stopwords": ["<|im_end|>"], "options": ["parallel:2", "cont_batching:false"],
+    }))
+    (d / "broken.yaml").write_text("name: broken\nparameters: {model: smollm2.gguf}\noptions: ['cache_ram:512']\n")
+    (d / "escape.yaml").write_text("name: escape\nparameters: {model: ../outside.gguf}\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(engine: Any, models_dir: Path) -> Iterator[Server]:
+    s = Server(models_dir, "--max-loaded-models", "2")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> Any:
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def post(server: Server, path: str, body: Any, **kw: Any) -> httpx.Response:
+    content = body if isinstance(body, bytes | str) else json.dumps(body)
+    return httpx.post(server.url + path, content=content, headers={"Content-Type": "application/json", **kw.pop("headers", {})},
+                      timeout=120, **kw)
+
+
+def sse(resp: httpx.Response) -> list[Any]:
+    frames = [line[6:] for line in resp.text.split("\n") if line.startswith("data: ")]
+    assert frames and frames[-1] == "[DONE]"
+    return [json.loads(f) for f in frames[:-1]]
+
+
+# ---------------------------------------------------------------- models and configs
+
+
+def test_models_lists_configs_and_reports_broken_ones(server: Server, client: Any) -> None:
+    ids = {m.id for m in client.models.list().data}
+    assert {"smol", "smol-go"} <= ids
+    assert "broken" not in ids and "escape" not in ids
+    errors = server.ready()["config_errors"]
+    assert any("broken.yaml" in e and "cache_ram" in e for e in errors)
+    assert any("escape.yaml" in e and "inside the models folder" in e for e in errors)
+
+
+def test_options_take_effect(server: Server, client: Any) -> None:
+    client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    client.chat.completions.create(model="smol-go", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    loaded = server.ready()["loaded"]
+    assert loaded["smol"]["n_slots"] == 4  # parallel:4
+    assert loaded["smol"]["n_ctx_seq"] >= 1024  # context_size is per request
+    assert loaded["smol-go"]["n_slots"] == 1  # cont_batching:false serves one at a time
+
+
+# ---------------------------------------------------------------- chat completions
+
+
+def test_chat_non_stream_with_the_sdk(client: Any) -> None:
+    r = client.chat.completions.create(model="smol", messages=[
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}], max_tokens=12)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    c = r.choices[0]
+    assert c.index == 0 and c.finish_reason in ("stop", "length")
+    assert "Paris" in c.message.content
+    assert r.usage.prompt_tokens > 5 and 0 < r.usage.completion_tokens <= 12
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_stream_wire_shape(server: Server) -> None:
+    resp = post(server, "/v1/chat/completions", {"model": "smol", "messages": [{"role": "user", "content": "Count to five"}],
+                                                 "max_tokens": 8, "stream": True, "stream_options": {"include_usage": True}})
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+    chunks = sse(resp)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": None}
+    body = chunks[1:-1]
+    assert all(c["choices"][0]["finish_reason"] is None for c in body[:-1])
+    assert body[-1]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 8
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in body)
+    assert text.strip()
+
+
+def test_chat_stream_with_the_sdk_matches_non_stream(client: Any) -> None:
+    msgs = [{"role": "user", "content": "Name a color."}]
+    full = client.chat.completions.create(model="smol", messages=msgs, max_tokens=10).choices[0].message.content
+    parts = [ch.choices[0].delta.content or "" for ch in client.chat.completions.create(
+        model="smol", messages=msgs, max_tokens=10, stream=True) if ch.choices]
+    assert "".join(parts) == full
+
+
+def test_n_choices_are_indexed(client: Any) -> None:
+    r = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, n=2,
+                                       temperature=1.0, seed=3)
+    assert [c.index for c in r.choices] == [0, 1]
+
+
+def test_stop_and_logprobs(client: Any) -> None:
+    r = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Count: 1, 2, 3,"}],
+                                       max_tokens=20, logprobs=True, top_logprobs=2)
+    lp = r.choices[0].logprobs.content
+    assert lp and all(t.logprob <= 0 and len(t.top_logprobs) == 2 for t in lp)
+    assert "".join(t.token for t in lp) == r.choices[0].message.content
+
+
+def test_forced_tool_call_with_the_sdk(client: Any) -> None:
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    r = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Weather in Paris?"}],
+                                       tools=tools, tool_choice="required", max_tokens=60)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls"
+    call = c.message.tool_calls[0]
+    assert call.id.startswith("call_") and call.function.name == "get_weather"
+    assert "city" in json.loads(call.function.arguments)
+    # round trip: the tool result goes back through the template
+    r2 = client.chat.completions.create(model="smol", max_tokens=20, tools=tools, messages=[
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21C"}])
+    assert r2.choices[0].message.content is not None
+
+
+def test_forced_tool_call_streams_as_tool_call_deltas(server: Server) -> None:
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {
+        "type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}}}]
+    chunks = sse(post(server, "/v1/chat/completions", {"model": "smol", "stream": True, "max_tokens": 60, "tools": tools,
+                      "tool_choice": {"type": "function", "function": {"name": "lookup"}},
+                      "messages": [{"role": "user", "content": "Look up llamas"}]}))
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    assert not any((d.get("content") or "").strip() for d in deltas)  # no raw JSON leaks as content
+    calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
+    assert calls[0]["function"]["name"] == "lookup" and calls[0]["id"]
+    args = "".join(tc["function"].get("arguments", "") for tc in calls)
+    assert "q" in json.loads(args)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_json_schema_response_format(client: Any) -> None:
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 20}}, "required": ["answer"],
+              "additionalProperties": False}
+    r = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Capital of France as JSON"}],
+                                       max_tokens=40, response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+    assert isinstance(json.loads(r.choices[0].message.content)["answer"], str)
+
+
+def test_go_template_model_answers(client: Any) -> None:
+    r = client.chat.completions.create(model="smol-go", messages=[{"role": "user", "content": "Say hello."}], max_tokens=10)
+    assert r.choices[0].message.content.strip()
+    assert "<|im_end|>" not in r.choices[0].message.content
+
+
+# ---------------------------------------------------------------- completions, edits, embeddings, tokenize
+
+
+def test_completions_echo_uses_the_completion_template(client: Any) -> None:
+    r = client.completions.create(model="smol-go", prompt="Two plus two?", max_tokens=4, echo=True)
+    assert r.choices[0].text.startswith("Q: Two plus two?\nA:")
+
+
+def test_completions_list_and_stream(client: Any) -> None:
+    r = client.completions.create(model="smol", prompt=["The sky is", "Grass is"], max_tokens=3)
+    assert [c.index for c in r.choices] == [0, 1] and r.usage.completion_tokens == 6
+    parts = [c.choices[0].text for c in client.completions.create(model="smol", prompt="The sky is", max_tokens=3, stream=True) if c.choices]
+    assert "".join(parts) == client.completions.create(model="smol", prompt="The sky is", max_tokens=3).choices[0].text
+
+
+def test_edits(server: Server) -> None:
+    r = post(server, "/v1/edits", {"model": "smol", "instruction": "Fix the spelling", "input": "helo wrld", "max_tokens": 8})
+    assert r.status_code == 200 and r.json()["object"] == "edit" and r.json()["choices"][0]["text"] is not None
+
+
+def test_embeddings_and_tokenize(server: Server, client: Any) -> None:
+    e = client.embeddings.create(model="smol", input=["hello", "world"])
+    assert len(e.data) == 2 and len(e.data[0].embedding) == 576
+    toks = post(server, "/v1/tokenize", {"model": "smol", "content": "Hello world"}).json()["tokens"]
+    assert toks and post(server, "/v1/detokenize", {"model": "smol", "tokens": toks}).json()["content"] == "Hello world"
+
+
+# ---------------------------------------------------------------- errors and resolution
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    (b"{not json", None),
+    ({"model": "smol"}, "messages"),
+    ({"model": "smol", "messages": []}, "messages"),
+    ({"model": "smol", "messages": "hi"}, "messages"),
+    ({"model": "smol", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({"model": "smol", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+    ({"model": "smol", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
+    ({"model": 5, "messages": [{"role": "user", "content": "x"}]}, "model"),
+])
+def test_bad_input_is_a_400_in_openai_shape(server: Server, body: Any, param: str | None) -> None:
+    r = post(server, "/v1/chat/completions", body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["message"]
+    if param:
+        assert err["param"] == param
+
+
+def test_unknown_model_is_404(server: Server) -> None:
+    r = post(server, "/v1/chat/completions", {"model": "nope", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+
+
+def test_prompt_longer_than_context_is_context_length_exceeded(server: Server) -> None:
+    r = post(server, "/v1/chat/completions", {"model": "smol", "messages": [{"role": "user", "content": "word " * 3000}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = post(server, "/v1/chat/completions", {"model": "smol", "stream": True, "messages": [{"role": "user", "content": "word " * 3000}]})
+    assert r.status_code == 400  # checked before the stream starts
+
+
+def test_bearer_token_naming_a_model_selects_it(server: Server) -> None:
+    r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1},
+             headers={"Authorization": "Bearer smol-go"})
+    assert r.status_code == 200 and r.json()["model"] == "smol-go"
+    r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"  # several models: must name one
+
+
+def test_disconnect_mid_stream_frees_the_slot(server: Server) -> None:
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60, json={
+            "model": "smol", "stream": True, "max_tokens": 2000, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Tell a long story"}]}) as resp:
+        lines = resp.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert server.ready()["loaded"]["smol"]["active_slots"] == 1
+    deadline = time.monotonic() + 10
+    while server.ready()["loaded"]["smol"]["active_slots"] != 0:
+        assert time.monotonic() < deadline, "slot not freed after the client left"
+        time.sleep(0.05)
+    # the server still serves
+    assert post(server, "/v1/chat/completions", {"model": "smol", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}).status_code == 200
+
+
+def test_unknown_route_and_method(server: Server) -> None:
+    assert httpx.get(server.url + "/v1/nothing").status_code == 404
+    assert httpx.get(server.url + "/v1/chat/completions").status_code == 405
+
+
+# ---------------------------------------------------------------- auth and the default model
+
+
+def test_api_keys_and_default_model(engine: Any, smollm2_path: Path, tmp_path: Path) -> None:
+    s = Server(tmp_path / "empty-models", "--api-keys", "k1,k2")
+    try:
+        assert httpx.get(s.url + "/healthz").status_code == 200  # open
+        r = httpx.get(s.url + "/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = httpx.get(s.url + "/v1/models", headers={"x-api-key": "k2"})
+        assert ok.status_code == 200
+        # no models folder: the default small model serves every request
+        assert [m["id"] for m in ok.json()["data"]] == ["smollm2-135m-instruct"]
+        r = httpx.post(s.url + "/v1/chat/completions", headers={"Authorization": "Bearer k1"}, timeout=60,
+                       json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    finally:
+        s.stop()
