@@ -317,3 +317,28 @@ def test_embeddings_are_pooled_and_normalized(llm: Llama) -> None:
 def test_unknown_sampling_parameter_is_named(llm: Llama) -> None:
     with pytest.raises(InvalidRequestError, match="temprature"):
         llm.complete("x", temprature=0.5)
+
+
+def test_auto_tool_choice_uses_a_lazy_grammar_and_parses_the_native_syntax(tool_llm: Llama) -> None:
+    from pylocalai.engine.chat import parse_answer, plan_chat
+
+    plan = plan_chat(tool_llm, [{"role": "user", "content": "What time is it?"}], tools=[TIME], tool_choice="auto")
+    # the grammar engages only once the model writes the template's call marker
+    assert plan.sampling["grammar_lazy"] is True and plan.sampling["grammar_kind"] == "tool_calls"
+    assert any("<tool_call>" in t[1] for t in plan.sampling["grammar_triggers"])
+    # what a model following the template writes is read back by llama.cpp's parser
+    text = 'Let me check.\n<tool_call>\n{"name": "get_time", "arguments": {"tz": "UTC"}}\n</tool_call>'
+    msg = parse_answer(tool_llm, plan, text)
+    assert msg["content"].strip() == "Let me check."
+    (call,) = msg["tool_calls"]
+    assert call["function"]["name"] == "get_time" and json.loads(call["function"]["arguments"]) == {"tz": "UTC"}
+    assert call["id"].startswith("call_")
+    # a partial call while streaming: no content leak of the marker, the name appears once complete
+    partial = parse_answer(tool_llm, plan, 'Let me check.\n<tool_call>\n{"name": "get_ti', is_partial=True)
+    assert "<tool_call>" not in (partial.get("content") or "")
+
+
+def test_auto_tool_choice_may_answer_in_text(tool_llm: Llama) -> None:
+    res = tool_llm.chat([{"role": "user", "content": "Hello"}], [TIME], tool_choice="auto", max_tokens=8, temperature=0.0)
+    assert res.tool_calls == [] and res.finish_reason in ("stop", "length")
+    assert res.message["content"] == res.raw_text
