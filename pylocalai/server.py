@@ -13,6 +13,7 @@ from quart import request
 from quart_trio import QuartTrio
 
 from pylocalai.api import errors_openai
+from pylocalai.api.anthropic import bp as anthropic_bp
 from pylocalai.api.openai import bp as openai_bp
 from pylocalai.api.openai_text import bp as openai_text_bp
 from pylocalai.config.model_config import ModelCatalog, ModelConfig, load_catalog
@@ -109,6 +110,7 @@ def create_app(settings: ServerSettings) -> QuartTrio:
 
     app.register_blueprint(openai_bp)
     app.register_blueprint(openai_text_bp)
+    app.register_blueprint(anthropic_bp)
 
     @app.while_serving
     async def _lifespan() -> Any:

@@ -35,7 +35,7 @@ from pylocalai.api.wire import (
     sse_data,
 )
 from pylocalai.config.prompt import message_text
-from pylocalai.engine.chat import parse_answer
+from pylocalai.engine.chat import AnswerDelta, AnswerStream, parse_answer
 from pylocalai.engine.registry import LoadedModel
 from pylocalai.engine.types import Finished, FinishReason, TextDelta, TokenLogprob, Usage
 from pylocalai.errors import InvalidRequestError, PylocalaiError
@@ -320,63 +320,34 @@ async def _stream_chat(call: ChatCall, entry: LoadedModel, preps: list[PreparedC
 
 async def _stream_choice(call: ChatCall, entry: LoadedModel, index: int, prep: PreparedChat,
                          usages: list[Usage]) -> AsyncIterator[bytes]:
-    plan = prep.plan
-    # Tool-capable output is parsed as it grows, so raw call syntax never leaks into content.
-    parse_live = bool(plan.tool_names) and not plan.forced_tools and not plan.rendered.get("go_template")
-    buffer_all = bool(plan.tool_names) and not parse_live
-    yield call.chunk([{"index": index, "delta": {"role": "assistant", "content": None}, "logprobs": None, "finish_reason": None}])
-    text = ""
-    sent_content = ""
-    sent_args: list[str] = []
-    sent_ids: list[str] = []
+    answer = AnswerStream(entry.llm, prep.plan)
 
-    def tool_deltas(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def frames(d: AnswerDelta, lp: dict[str, Any] | None = None) -> list[bytes]:
         out = []
-        for j, c in enumerate(calls):
-            name, args = c["function"]["name"], c["function"].get("arguments") or ""
-            if not name:
-                continue
-            if j >= len(sent_ids):
-                sent_ids.append(c.get("id") or "call_" + uuid.uuid4().hex[:24])
-                sent_args.append("")
-                out.append({"index": j, "id": sent_ids[j], "type": "function", "function": {"name": name, "arguments": ""}})
-            if args.startswith(sent_args[j]) and len(args) > len(sent_args[j]):
-                out.append({"index": j, "function": {"arguments": args[len(sent_args[j]):]}})
-                sent_args[j] = args
+        if d.reasoning:
+            out.append(call.chunk([{"index": index, "delta": {"reasoning_content": d.reasoning}, "logprobs": None, "finish_reason": None}]))
+        if d.content or lp:
+            out.append(call.chunk([{"index": index, "delta": {"content": d.content}, "logprobs": lp, "finish_reason": None}]))
+        if d.calls:
+            tc = [{"index": c.index, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}
+                  if c.id else {"index": c.index, "function": {"arguments": c.arguments}} for c in d.calls]
+            out.append(call.chunk([{"index": index, "delta": {"tool_calls": tc}, "logprobs": None, "finish_reason": None}]))
         return out
 
+    yield call.chunk([{"index": index, "delta": {"role": "assistant", "content": None}, "logprobs": None, "finish_reason": None}])
     async with generation(entry, prep.request) as events:
         async for ev in events:
             if isinstance(ev, TextDelta):
-                text += ev.text
                 lp = {"content": logprobs_content(entry, ev.logprobs)} if call.logprobs is not None else None
-                if buffer_all:
-                    continue
-                if not parse_live:
-                    if ev.text or lp:
-                        yield call.chunk([{"index": index, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}])
-                    continue
-                msg = await trio.to_thread.run_sync(lambda: parse_answer(entry.llm, plan, text, is_partial=True))
-                content = msg.get("content") or ""
-                if content.startswith(sent_content) and len(content) > len(sent_content):
-                    yield call.chunk([{"index": index, "delta": {"content": content[len(sent_content):]}, "logprobs": lp, "finish_reason": None}])
-                    sent_content = content
-                deltas = tool_deltas(msg.get("tool_calls") or [])
-                if deltas:
-                    yield call.chunk([{"index": index, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None}])
+                d = answer.feed(ev.text) if answer.mode == "plain" else await trio.to_thread.run_sync(answer.feed, ev.text)
+                for frame in frames(d, lp):
+                    yield frame
                 continue
             if ev.error is not None:
                 raise ev.error
             usages.append(ev.usage)
-            calls: list[dict[str, Any]] = []
-            if plan.tool_names:
-                msg = await trio.to_thread.run_sync(lambda: parse_answer(entry.llm, plan, text))
-                calls = msg.get("tool_calls") or []
-                content = msg.get("content") or ""
-                if content.startswith(sent_content) and len(content) > len(sent_content):
-                    yield call.chunk([{"index": index, "delta": {"content": content[len(sent_content):]}, "logprobs": None, "finish_reason": None}])
-                deltas = tool_deltas(calls)
-                if deltas:
-                    yield call.chunk([{"index": index, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None}])
+            for frame in frames(await trio.to_thread.run_sync(answer.finish)):
+                yield frame
+            calls = (answer.message or {}).get("tool_calls") or []
             yield call.chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": _finish_reason(ev, calls)}])
             return

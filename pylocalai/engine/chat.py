@@ -204,3 +204,87 @@ def _forced_calls(text: str, plan: ChatPlan) -> list[dict[str, Any]]:
             calls.append({"id": new_call_id(), "type": "function",
                           "function": {"name": item["name"], "arguments": json.dumps(item.get("arguments", {}))}})
     return calls
+
+
+@dataclass(slots=True)
+class CallDelta:
+    index: int
+    id: str | None = None  # set on the call's first delta, with its name
+    name: str | None = None
+    arguments: str = ""  # the next piece of the JSON arguments string
+
+
+@dataclass(slots=True)
+class AnswerDelta:
+    reasoning: str = ""
+    content: str = ""
+    calls: list[CallDelta] | None = None
+
+
+class AnswerStream:
+    """Turns the growing text of one answer into reasoning, content and tool-call deltas, the same
+    way for every protocol. Plain answers pass through untouched; answers that may hold tool calls
+    or reasoning are re-parsed as they grow (llama.cpp's parser, partial mode), so call syntax never
+    leaks into content; forced calls and Go-template tool answers are read once at the end."""
+
+    def __init__(self, engine: ChatEngine, plan: ChatPlan) -> None:
+        self._engine = engine
+        self._plan = plan
+        jinja = not plan.rendered.get("go_template")
+        self.mode = ("buffer" if plan.tool_names and (plan.forced_tools or not jinja)
+                     else "live" if jinja and (plan.tool_names or plan.rendered.get("supports_thinking"))
+                     else "plain")
+        self.text = ""
+        self._content = ""
+        self._reasoning = ""
+        self._ids: list[str] = []
+        self._args: list[str] = []
+        self.message: dict[str, Any] | None = None
+
+    def feed(self, delta: str) -> AnswerDelta:
+        self.text += delta
+        if self.mode == "plain":
+            self._content += delta
+            return AnswerDelta(content=delta)
+        if self.mode == "buffer" or not delta:
+            return AnswerDelta()
+        return self._diff(parse_answer(self._engine, self._plan, self.text, is_partial=True))
+
+    def finish(self) -> AnswerDelta:
+        """The last deltas; afterwards `message` holds the whole parsed answer."""
+        if self.mode == "plain":
+            self.message = {"role": "assistant", "content": self.text}
+            return AnswerDelta()
+        self.message = parse_answer(self._engine, self._plan, self.text)
+        out = self._diff(self.message)
+        for call, streamed_id in zip(self.message.get("tool_calls") or [], self._ids, strict=False):
+            call["id"] = streamed_id  # the ids already sent stay the calls' ids
+        return out
+
+    def _diff(self, msg: dict[str, Any]) -> AnswerDelta:
+        out = AnswerDelta()
+        reasoning = msg.get("reasoning_content") or ""
+        if reasoning.startswith(self._reasoning) and len(reasoning) > len(self._reasoning):
+            out.reasoning, self._reasoning = reasoning[len(self._reasoning):], reasoning
+        content = msg.get("content") or ""
+        if content.startswith(self._content) and len(content) > len(self._content):
+            out.content, self._content = content[len(self._content):], content
+        calls: list[CallDelta] = []
+        for i, call in enumerate(msg.get("tool_calls") or []):
+            name = call["function"].get("name") or ""
+            args = call["function"].get("arguments") or ""
+            if not name:
+                break
+            if i >= len(self._ids):
+                self._ids.append(call.get("id") or new_call_id())
+                self._args.append("")
+                calls.append(CallDelta(i, self._ids[i], name))
+            if args.startswith(self._args[i]) and len(args) > len(self._args[i]):
+                calls.append(CallDelta(i, arguments=args[len(self._args[i]):]))
+                self._args[i] = args
+        out.calls = calls or None
+        return out
+
+    @property
+    def call_ids(self) -> list[str]:
+        return list(self._ids)
