@@ -67,6 +67,8 @@ def _serve(args: argparse.Namespace) -> int:
         cors_origins=tuple(o.strip() for o in (args.cors_origins or "").split(",") if o.strip()),
         max_body_bytes=args.upload_limit * 1024 * 1024,
         default_model=default_model,
+        data_path=Path(args.data_path),
+        responses_retention=args.responses_retention,
     )
     app = create_app(settings)
     host, _, port = args.address.rpartition(":")
@@ -101,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--idle-unload", type=float, default=None, metavar="SECONDS", help="unload a model idle this long")
     srv.add_argument("--cors-origins", default=_env("LOCALAI_CORS_ALLOW_ORIGINS"), help="comma list, or *")
     srv.add_argument("--upload-limit", type=int, default=_int_env("LOCALAI_UPLOAD_LIMIT") or 32, help="request body limit, MB")
+    srv.add_argument("--data-path", default=_env("LOCALAI_DATA_PATH", default="data"),
+                     help="folder for stored responses (LOCALAI_DATA_PATH)")
+    srv.add_argument("--responses-retention", type=int, default=10000, help="stored responses kept (newest first)")
     srv.add_argument("--log-level", default=_env("LOCALAI_LOG_LEVEL", default="info"),
                      choices=["debug", "info", "warning", "error"])
     srv.set_defaults(func=_serve)

@@ -14,6 +14,8 @@ from quart_trio import QuartTrio
 
 from pylocalai.api import errors_openai
 from pylocalai.api.anthropic import bp as anthropic_bp
+from pylocalai.api.response_store import ResponseStore
+from pylocalai.api.responses import bp as responses_bp
 from pylocalai.api.openai import bp as openai_bp
 from pylocalai.api.openai_text import bp as openai_text_bp
 from pylocalai.config.model_config import ModelCatalog, ModelConfig, load_catalog
@@ -36,6 +38,8 @@ class ServerSettings:
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 32 * 1024 * 1024
     default_model: Path | None = field(default=None)  # served when the models folder holds no model
+    data_path: Path = Path("data")  # stored responses (SQLite)
+    responses_retention: int = 10000  # stored responses kept, newest first
 
 
 def build_catalog(settings: ServerSettings) -> ModelCatalog:
@@ -111,15 +115,24 @@ def create_app(settings: ServerSettings) -> QuartTrio:
     app.register_blueprint(openai_bp)
     app.register_blueprint(openai_text_bp)
     app.register_blueprint(anthropic_bp)
+    app.register_blueprint(responses_bp)
+    response_store = ResponseStore(settings.data_path / "responses.sqlite3", max_items=settings.responses_retention)
+    recovered = response_store.recover()
+    if recovered:
+        log.warning("%d stored responses were interrupted by a restart and are marked failed", recovered)
+    app.config["PYLOCALAI_RESPONSE_STORE"] = response_store
+    app.config["PYLOCALAI_RESPONSE_RUNS"] = {}
 
     @app.while_serving
     async def _lifespan() -> Any:
         async with trio.open_nursery() as nursery:
+            app.config["PYLOCALAI_NURSERY"] = nursery  # background responses run here
             if settings.idle_unload_s:
                 nursery.start_soon(_idle_unloader, reg, settings.idle_unload_s)
             yield
             nursery.cancel_scope.cancel()
         await reg.close()
+        response_store.close()
 
     return app
 

@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response
 from werkzeug.exceptions import HTTPException
 
-from pylocalai.api.serving import PreparedChat, generation, prepare_chat, registry, resolve_model, sampling_for
-from pylocalai.api.wire import get_bool, get_float, get_int, get_list, require_object, sse_event
+from pylocalai.api.serving import PreparedChat, generation, prepare_chat, read_json, registry, resolve_model, sampling_for
+from pylocalai.api.wire import get_bool, get_float, get_int, get_list, sse_event
 from pylocalai.engine.chat import AnswerStream, parse_answer
 from pylocalai.engine.registry import LoadedModel
 from pylocalai.engine.types import Finished, FinishReason, TextDelta
@@ -193,14 +193,6 @@ class MessagesCall:
         if fin.stop_sequence is not None and fin.stop_sequence in self.stop_sequences:
             return "stop_sequence", fin.stop_sequence
         return "end_turn", None
-
-
-async def read_json() -> dict[str, Any]:
-    raw = await request.get_data()
-    try:
-        return require_object(json.loads(raw or b"null"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
 
 
 def _tool_input(arguments: str) -> dict[str, Any]:

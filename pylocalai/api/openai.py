@@ -16,6 +16,7 @@ from pylocalai.api.serving import (
     PreparedChat,
     generation,
     prepare_chat,
+    read_json,
     registry,
     resolve_model,
     sampling_for,
@@ -146,15 +147,6 @@ def request_sampling(body: dict[str, Any]) -> dict[str, Any]:
         "logit_bias": get_logit_bias(body) or None,
         "ignore_eos": get_bool(body, "ignore_eos"),
     }
-
-
-async def read_json() -> dict[str, Any]:
-    raw = await request.get_data()
-    try:
-        body = json.loads(raw or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
-    return require_object(body)
 
 
 # ---------------------------------------------------------------- rendering

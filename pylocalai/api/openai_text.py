@@ -11,8 +11,8 @@ import trio
 from quart import Blueprint, Response
 
 from pylocalai.api import errors_openai
-from pylocalai.api.openai import read_json, request_sampling, sum_usage, usage_json
-from pylocalai.api.serving import generation, make_request, registry, resolve_model, sampling_for, tokenize
+from pylocalai.api.openai import request_sampling, sum_usage, usage_json
+from pylocalai.api.serving import generation, make_request, read_json, registry, resolve_model, sampling_for, tokenize
 from pylocalai.api.wire import SSE_DONE, SSE_HEADERS, get_bool, get_int, get_list, get_stop, get_str, sse_data
 from pylocalai.config.prompt import render_completion, render_edit
 from pylocalai.engine.registry import LoadedModel

@@ -3,6 +3,7 @@ defaults from the model config, prompt planning, and the engine's event stream. 
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -13,6 +14,7 @@ from typing import Any
 import trio
 from quart import current_app, request
 
+from pylocalai.api.wire import require_object
 from pylocalai.config.model_config import ModelConfig
 from pylocalai.config.prompt import render_chat
 from pylocalai.engine.chat import ChatPlan, plan_chat
@@ -24,6 +26,16 @@ log = logging.getLogger(__name__)
 
 _PARAM_DEFAULTS = {"temperature", "top_p", "top_k", "min_p", "typical_p", "repeat_penalty", "repeat_last_n",
                    "frequency_penalty", "presence_penalty", "seed", "max_tokens", "ignore_eos"}
+
+
+async def read_json() -> dict[str, Any]:
+    """The request body as a JSON object; malformed JSON is the caller's error (400), never a 500."""
+    raw = await request.get_data()
+    try:
+        body = json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
+    return require_object(body)
 
 
 def registry() -> ModelRegistry:

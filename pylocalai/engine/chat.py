@@ -231,8 +231,9 @@ class AnswerStream:
         self._engine = engine
         self._plan = plan
         jinja = not plan.rendered.get("go_template")
+        structured = plan.sampling.get("grammar_kind") == "output_format"  # JSON that may come fenced
         self.mode = ("buffer" if plan.tool_names and (plan.forced_tools or not jinja)
-                     else "live" if jinja and (plan.tool_names or plan.rendered.get("supports_thinking"))
+                     else "live" if jinja and (plan.tool_names or structured or plan.rendered.get("supports_thinking"))
                      else "plain")
         self.text = ""
         self._content = ""
