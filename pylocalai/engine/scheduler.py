@@ -255,7 +255,10 @@ class Scheduler:
                     best, best_sim = slot, sim
             if best is not None and best_sim >= self._similarity:
                 return best
-        return min(idle, key=lambda s: s.last_used)
+        # An empty slot first (other slots keep their prefix caches), then the lowest sequence id: with
+        # per-sequence KV streams llama.cpp only puts sequences with consecutive ids into one ubatch,
+        # so scattered ids would split each step into several decodes.
+        return min(idle, key=lambda s: (bool(s.cached), s.seq))
 
     def _start(self, slot: _Slot, req: EngineRequest) -> None:
         prompt = req.prompt_tokens
