@@ -35,7 +35,7 @@ from pylocalai.engine.types import (
 from pylocalai.engine.worker import EngineWorker
 from pylocalai.errors import EngineError, InvalidRequestError, PylocalaiError
 
-_FLASH_ATTN = {"auto": -1, "off": 0, "on": 1, False: 0, True: 1, -1: -1, 0: 0, 1: 1}
+_FLASH_ATTN = {"auto": -1, "off": 0, "on": 1, False: 0, True: 1, -1: -1}  # 0 and 1 equal False and True
 _SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__)
 
 

@@ -295,10 +295,28 @@ std::string json_schema_to_gbnf(const std::string & schema_json) {
 
 struct SeqSampler::Impl {
     common_sampler_ptr smpl;
+    // Plain greedy decoding (no grammar, bias or penalties) is an argmax over the logits row; the
+    // sampler stack would first build and filter a candidate array over the whole vocabulary.
+    bool plain_greedy = false;
+    int32_t n_vocab = 0;
+    std::vector<uint8_t> banned;  // end-of-generation tokens when ignore_eos
 };
 
 SeqSampler::SeqSampler(llama_model * model, const SamplingParams & p, const std::vector<int32_t> & history)
     : impl_(std::make_unique<Impl>()) {
+    const llama_vocab * vocab = llama_model_get_vocab(model);
+    if (p.temperature <= 0.0f && p.grammar.empty() && p.logit_bias.empty() && p.repeat_penalty == 1.0f &&
+        p.presence_penalty == 0.0f && p.frequency_penalty == 0.0f) {
+        impl_->plain_greedy = true;
+        impl_->n_vocab = llama_vocab_n_tokens(vocab);
+        impl_->banned.assign(static_cast<size_t>(impl_->n_vocab), 0);
+        if (p.ignore_eos) {
+            for (int32_t t = 0; t < impl_->n_vocab; ++t) {
+                impl_->banned[t] = llama_vocab_is_eog(vocab, t) ? 1 : 0;
+            }
+        }
+        return;
+    }
     common_params_sampling sp;
     sp.seed = p.seed;
     sp.temp = p.temperature;
@@ -317,7 +335,6 @@ SeqSampler::SeqSampler(llama_model * model, const SamplingParams & p, const std:
         sp.logit_bias.push_back({tok, bias});
     }
     if (p.ignore_eos) {
-        const llama_vocab * vocab = llama_model_get_vocab(model);
         for (int32_t t = 0; t < llama_vocab_n_tokens(vocab); ++t) {
             if (llama_vocab_is_eog(vocab, t)) {
                 sp.logit_bias_eog.push_back({t, -INFINITY});
@@ -349,6 +366,21 @@ SeqSampler::SeqSampler(llama_model * model, const SamplingParams & p, const std:
 SeqSampler::~SeqSampler() = default;
 
 int32_t SeqSampler::sample_and_accept(llama_context * ctx, int32_t idx) {
+    if (impl_->plain_greedy) {
+        const float * logits = llama_get_logits_ith(ctx, idx);
+        int32_t best = -1;
+        float best_logit = -INFINITY;
+        for (int32_t t = 0; t < impl_->n_vocab; ++t) {  // first maximum, as llama.cpp's greedy sampler
+            if (!impl_->banned[t] && logits[t] > best_logit) {
+                best_logit = logits[t];
+                best = t;
+            }
+        }
+        if (best < 0) {
+            throw EngineError("the model produced no finite logit (NaN weights?)");
+        }
+        return best;
+    }
     const llama_token tok = common_sampler_sample(impl_->smpl.get(), ctx, idx);
     common_sampler_accept(impl_->smpl.get(), tok, true);
     return tok;

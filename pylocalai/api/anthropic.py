@@ -12,7 +12,7 @@ import trio
 from quart import Blueprint, Response
 from werkzeug.exceptions import HTTPException
 
-from pylocalai.api.serving import PreparedChat, generation, prepare_chat, read_json, registry, resolve_model, sampling_for
+from pylocalai.api.serving import PreparedChat, collect, generation, prepare_chat, read_json, registry, resolve_model, sampling_for
 from pylocalai.api.wire import get_bool, get_float, get_int, get_list, sse_event
 from pylocalai.engine.chat import AnswerStream, parse_answer
 from pylocalai.engine.registry import LoadedModel
@@ -219,18 +219,8 @@ async def create_message() -> Response | tuple[Any, int]:
         entry.llm.scheduler.check(prep.request)  # a too-long prompt is a 400 even when streaming
         if call.stream:
             return Response(_stream(call, entry, prep), headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})  # type: ignore[arg-type]
-        text: list[str] = []
-        fin = None
-        async with generation(entry, prep.request) as events:
-            async for ev in events:
-                if isinstance(ev, TextDelta):
-                    text.append(ev.text)
-                else:
-                    fin = ev
-        assert fin is not None
-        if fin.error is not None:
-            raise fin.error
-        msg = await trio.to_thread.run_sync(lambda: parse_answer(entry.llm, prep.plan, "".join(text)))
+        text, fin, _ = await collect(entry, prep.request)
+        msg = await trio.to_thread.run_sync(lambda: parse_answer(entry.llm, prep.plan, text))
     calls = msg.get("tool_calls") or []
     content: list[dict[str, Any]] = []
     if call.thinking and msg.get("reasoning_content"):

@@ -9,11 +9,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import trio
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response
 
 from pylocalai.api import errors_openai
 from pylocalai.api.serving import (
     PreparedChat,
+    collect,
     generation,
     prepare_chat,
     read_json,
@@ -24,7 +25,6 @@ from pylocalai.api.serving import (
 from pylocalai.api.wire import (
     SSE_DONE,
     SSE_HEADERS,
-    dumps,
     get_bool,
     get_float,
     get_int,
@@ -32,7 +32,6 @@ from pylocalai.api.wire import (
     get_logit_bias,
     get_stop,
     get_str,
-    require_object,
     sse_data,
 )
 from pylocalai.config.prompt import message_text
@@ -236,19 +235,9 @@ class ChatCall:
 
 async def _run_one(call: ChatCall, entry: LoadedModel, index: int) -> tuple[dict[str, Any], Finished, list[TokenLogprob]]:
     prep = await call.prepare(entry, index)
-    text: list[str] = []
-    lps: list[TokenLogprob] = []
-    async with generation(entry, prep.request) as events:
-        async for ev in events:
-            if isinstance(ev, TextDelta):
-                text.append(ev.text)
-                lps.extend(ev.logprobs)
-            else:
-                if ev.error is not None:
-                    raise ev.error
-                message = await trio.to_thread.run_sync(lambda: parse_answer(entry.llm, prep.plan, "".join(text)))
-                return message, ev, lps
-    raise PylocalaiError("generation ended without a finish event")
+    text, fin, lps = await collect(entry, prep.request)
+    message = await trio.to_thread.run_sync(lambda: parse_answer(entry.llm, prep.plan, text))
+    return message, fin, lps
 
 
 @bp.post("/v1/chat/completions")

@@ -12,11 +12,11 @@ from quart import Blueprint, Response
 
 from pylocalai.api import errors_openai
 from pylocalai.api.openai import request_sampling, sum_usage, usage_json
-from pylocalai.api.serving import generation, make_request, read_json, registry, resolve_model, sampling_for, tokenize
+from pylocalai.api.serving import collect, generation, make_request, read_json, registry, resolve_model, sampling_for, tokenize
 from pylocalai.api.wire import SSE_DONE, SSE_HEADERS, get_bool, get_int, get_list, get_stop, get_str, sse_data
 from pylocalai.config.prompt import render_completion, render_edit
 from pylocalai.engine.registry import LoadedModel
-from pylocalai.engine.types import EngineRequest, Finished, TextDelta, TokenLogprob, Usage
+from pylocalai.engine.types import EngineRequest, TextDelta, TokenLogprob, Usage
 from pylocalai.errors import InvalidRequestError, PylocalaiError
 
 bp = Blueprint("openai_text", __name__)
@@ -44,20 +44,6 @@ def _completion_logprobs(entry: LoadedModel, lps: list[TokenLogprob], offset: in
         offsets.append(pos)
         pos += len(piece)
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-async def _collect(entry: LoadedModel, req: EngineRequest) -> tuple[str, Finished, list[TokenLogprob]]:
-    text, lps = [], []
-    async with generation(entry, req) as events:
-        async for ev in events:
-            if isinstance(ev, TextDelta):
-                text.append(ev.text)
-                lps.extend(ev.logprobs)
-            else:
-                if ev.error is not None:
-                    raise ev.error
-                return "".join(text), ev, lps
-    raise PylocalaiError("generation ended without a finish event")
 
 
 @bp.post("/v1/completions")
@@ -103,7 +89,7 @@ async def completions(model: str | None = None) -> Response | tuple[Any, int]:
         results: list[Any] = [None] * len(reqs)
 
         async def one(k: int) -> None:
-            results[k] = await _collect(entry, reqs[k][2])
+            results[k] = await collect(entry, reqs[k][2])
 
         async with trio.open_nursery() as nursery:
             for k in range(len(reqs)):
@@ -157,7 +143,7 @@ async def edits() -> tuple[Any, int]:
         results = []
         for text in inputs:
             toks = await tokenize(entry, render_edit(cfg, instruction, text))
-            results.append(await _collect(entry, make_request(toks, sampling)))
+            results.append(await collect(entry, make_request(toks, sampling)))
     return {"id": "edit-" + uuid.uuid4().hex, "object": "edit", "created": int(time.time()), "model": body.get("model") or cfg.name,
             "choices": [{"index": i, "text": t, "finish_reason": f.reason.value} for i, (t, f, _) in enumerate(results)],
             "usage": usage_json(sum_usage([f.usage for _, f, _ in results]))}, 200

@@ -19,8 +19,8 @@ from pylocalai.config.model_config import ModelConfig
 from pylocalai.config.prompt import render_chat
 from pylocalai.engine.chat import ChatPlan, plan_chat
 from pylocalai.engine.registry import LoadedModel, ModelRegistry
-from pylocalai.engine.types import EngineRequest, GenerationEvent, SamplingParams
-from pylocalai.errors import InvalidRequestError
+from pylocalai.engine.types import EngineRequest, Finished, GenerationEvent, SamplingParams, TextDelta, TokenLogprob
+from pylocalai.errors import InvalidRequestError, PylocalaiError
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,22 @@ async def prepare_chat(entry: LoadedModel, messages: list[dict[str, Any]], sampl
 
 async def tokenize(entry: LoadedModel, text: str) -> list[int]:
     return await trio.to_thread.run_sync(entry.llm.tokenize, text)
+
+
+async def collect(entry: LoadedModel, req: EngineRequest) -> tuple[str, Finished, list[TokenLogprob]]:
+    """Run req to its end: the whole text, the finish event (an engine error is raised) and logprobs."""
+    text: list[str] = []
+    lps: list[TokenLogprob] = []
+    async with generation(entry, req) as events:
+        async for ev in events:
+            if isinstance(ev, TextDelta):
+                text.append(ev.text)
+                lps.extend(ev.logprobs)
+                continue
+            if ev.error is not None:
+                raise ev.error
+            return "".join(text), ev, lps
+    raise PylocalaiError("generation ended without a finish event")
 
 
 @asynccontextmanager
