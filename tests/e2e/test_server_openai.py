@@ -43,7 +43,8 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = models.parent / f"server-{self.port}.log"
         cmd = [sys.executable, "-m", "pylocalai.cli", "serve", "--address", f"127.0.0.1:{self.port}",
-               "--models-path", str(models), "--threads", "2", "--context-size", "1024", *extra]
+               "--models-path", str(models), "--threads", "2", "--context-size", "1024",
+               "--data-path", str(models.parent / f"data-{self.port}"), *extra]
         self._log_file = self.log.open("w")
         self.proc = subprocess.Popen(cmd, stdout=self._log_file, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
