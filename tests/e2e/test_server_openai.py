@@ -98,9 +98,10 @@ def server(engine: Any, models_dir: Path) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
-def client(server: Server) -> Any:
+def client(server: Server) -> Iterator[Any]:
     openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120) as c:  # closes its connections: no socket is left for the GC to warn about
+        yield c
 
 
 def post(server: Server, path: str, body: Any, **kw: Any) -> httpx.Response:
