@@ -12,7 +12,7 @@ import trio
 from quart import Blueprint, Response
 from werkzeug.exceptions import HTTPException
 
-from pylocalai.api.serving import PreparedChat, collect, generation, prepare_chat, read_json, registry, resolve_model, sampling_for
+from pylocalai.api.serving import PreparedChat, collect, generation, held, prepare_chat, read_json, registry, resolve_model, sampling_for
 from pylocalai.api.wire import get_bool, get_float, get_int, get_list, sse_event
 from pylocalai.engine.chat import AnswerStream, parse_answer
 from pylocalai.engine.registry import LoadedModel
@@ -218,7 +218,7 @@ async def create_message() -> Response | tuple[Any, int]:
         prep = await call.prepare(entry)
         entry.llm.scheduler.check(prep.request)  # a too-long prompt is a 400 even when streaming
         if call.stream:
-            return Response(_stream(call, entry, prep), headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})  # type: ignore[arg-type]
+            return Response(held(call.cfg, _stream(call, entry, prep)), headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})  # type: ignore[arg-type]
         text, fin, _ = await collect(entry, prep.request)
         msg = await trio.to_thread.run_sync(lambda: parse_answer(entry.llm, prep.plan, text))
     calls = msg.get("tool_calls") or []

@@ -16,6 +16,7 @@ from pylocalai.api.serving import (
     PreparedChat,
     collect,
     generation,
+    held,
     prepare_chat,
     read_json,
     registry,
@@ -250,7 +251,7 @@ async def chat_completions() -> Response | tuple[Any, int]:
             preps = [await call.prepare(entry, i) for i in range(call.n)]
             for p in preps:
                 entry.llm.scheduler.check(p.request)
-            return Response(_stream_chat(call, entry, preps), headers=SSE_HEADERS)  # type: ignore[arg-type]
+            return Response(held(call.cfg, _stream_chat(call, entry, preps)), headers=SSE_HEADERS)  # type: ignore[arg-type]
         results: list[Any] = [None] * call.n
 
         async def one(i: int) -> None:

@@ -12,7 +12,7 @@ from quart import Blueprint, Response
 
 from pylocalai.api import errors_openai
 from pylocalai.api.openai import request_sampling, sum_usage, usage_json
-from pylocalai.api.serving import collect, generation, make_request, read_json, registry, resolve_model, sampling_for, tokenize
+from pylocalai.api.serving import collect, generation, held, make_request, read_json, registry, resolve_model, sampling_for, tokenize
 from pylocalai.api.wire import SSE_DONE, SSE_HEADERS, get_bool, get_int, get_list, get_stop, get_str, sse_data
 from pylocalai.config.prompt import render_completion, render_edit
 from pylocalai.engine.registry import LoadedModel
@@ -85,7 +85,7 @@ async def completions(model: str | None = None) -> Response | tuple[Any, int]:
         for _, _, r in reqs:
             entry.llm.scheduler.check(r)
         if stream:
-            return Response(_stream(entry, reqs[0][2], rid, created, name, echo, reqs[0][1], body), headers=SSE_HEADERS)  # type: ignore[arg-type]
+            return Response(held(cfg, _stream(entry, reqs[0][2], rid, created, name, echo, reqs[0][1], body)), headers=SSE_HEADERS)  # type: ignore[arg-type]
         results: list[Any] = [None] * len(reqs)
 
         async def one(k: int) -> None:

@@ -7,7 +7,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +128,19 @@ async def collect(entry: LoadedModel, req: EngineRequest) -> tuple[str, Finished
                 raise ev.error
             return "".join(text), ev, lps
     raise PylocalaiError("generation ended without a finish event")
+
+
+def held(cfg: ModelConfig, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """A streamed body that keeps its model in use (never unloaded) until it is fully sent; the
+    handler that returned it has already left its own `use` block by then."""
+    reg = registry()
+
+    async def body() -> AsyncIterator[bytes]:
+        async with reg.use(cfg), aclosing(frames) as inner:  # a client that leaves closes both
+            async for frame in inner:
+                yield frame
+
+    return body()
 
 
 @asynccontextmanager
