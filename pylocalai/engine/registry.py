@@ -4,7 +4,6 @@ load), at most N loaded (least recently used unloaded first, never one in use), 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -181,8 +180,3 @@ class ModelRegistry:
     async def close(self) -> None:
         for name in list(self._loaded):
             await self.unload(name)
-
-
-def env_int(name: str) -> int | None:
-    v = os.environ.get(name)
-    return int(v) if v and v.strip().lstrip("-").isdigit() else None
