@@ -346,12 +346,7 @@ class Llama:
 
     def _plan(self, messages: Sequence[dict[str, Any]], options: dict[str, Any], sampling: dict[str, Any]) -> tuple[EngineRequest, ChatPlan]:
         plan = plan_chat(self, messages, **options)
-        kw = dict(plan.sampling)
-        stops = sampling.get("stop") or ()
-        stops = [stops] if isinstance(stops, str) else list(stops)
-        kw.update(sampling)
-        kw["stop"] = stops + [s for s in plan.sampling.get("stop", ()) if s not in stops]
-        return self._request(plan.prompt, sampling_from(kw)), plan
+        return self._request(plan.prompt, sampling_from(plan.sampling_with(sampling))), plan
 
     def chat(
         self,

@@ -101,11 +101,8 @@ async def prepare_chat(entry: LoadedModel, messages: list[dict[str, Any]], sampl
         plan = plan_chat(llm, messages, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
                          json_schema=json_schema, enable_thinking=enable_thinking, template_kwargs=template_kwargs,
                          user_grammar=grammar, prompt=prompt)
-        kw = dict(plan.sampling)
-        kw.update({k: v for k, v in sampling.items() if k != "stop"})
-        kw["stop"] = tuple(dict.fromkeys([*sampling.get("stop", ()), *plan.sampling.get("stop", ())]))
         tokens = llm.tokenize(plan.prompt)
-        return PreparedChat(plan, make_request(tokens, kw))
+        return PreparedChat(plan, make_request(tokens, plan.sampling_with(sampling)))
 
     return await trio.to_thread.run_sync(work)
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pylocalai.errors import InvalidRequestError
+from pylocalai.errors import EngineError, InvalidRequestError
 
 
 class ChatEngine(Protocol):
@@ -40,6 +40,19 @@ class ChatPlan:
     rendered: dict[str, Any]
     forced_tools: bool = False  # the answer is the forced-call JSON
     tool_names: tuple[str, ...] = ()
+
+    def sampling_with(self, user: dict[str, Any]) -> dict[str, Any]:
+        """The caller's sampling fields over the plan's: stop strings are joined (caller's first), and
+        a grammar the caller gives replaces the plan's whole grammar setup."""
+        out = dict(self.sampling)
+        if user.get("grammar"):
+            for key in ("grammar_kind", "generation_prompt", "grammar_lazy", "grammar_triggers"):
+                out.pop(key, None)
+        out.update({k: v for k, v in user.items() if k != "stop"})
+        stop = user.get("stop") or ()
+        stop = (stop,) if isinstance(stop, str) else tuple(stop)
+        out["stop"] = tuple(dict.fromkeys([*stop, *self.sampling.get("stop", ())]))
+        return out
 
 
 def tool_name(tool: dict[str, Any]) -> str:
@@ -113,7 +126,8 @@ def plan_chat(
     if prompt is None:
         rendered = engine.render_chat(
             messages, tools=offered or None, tool_choice="auto" if forced else choice,
-            parallel_tool_calls=parallel_tool_calls, json_schema=None if forced else json_schema,
+            parallel_tool_calls=parallel_tool_calls,
+            json_schema=None if forced or user_grammar else json_schema,  # a user grammar wins
             enable_thinking=enable_thinking, template_kwargs=template_kwargs,
         )
     else:
@@ -161,7 +175,12 @@ def parse_answer(engine: ChatEngine, plan: ChatPlan, text: str, *, is_partial: b
         if calls:
             message["tool_calls"] = calls
     else:
-        message = engine.parse_rendered(text, plan.rendered, is_partial=is_partial)
+        try:
+            message = engine.parse_rendered(text, plan.rendered, is_partial=is_partial)
+        except EngineError:
+            # output that does not follow the template's format (cut short, or steered elsewhere):
+            # it is plain text, not an error
+            message = {"content": text}
         message["role"] = "assistant"
         if not plan.tool_names:
             message.pop("tool_calls", None)

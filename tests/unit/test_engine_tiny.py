@@ -342,3 +342,12 @@ def test_auto_tool_choice_may_answer_in_text(tool_llm: Llama) -> None:
     res = tool_llm.chat([{"role": "user", "content": "Hello"}], [TIME], tool_choice="auto", max_tokens=8, temperature=0.0)
     assert res.tool_calls == [] and res.finish_reason in ("stop", "length")
     assert res.message["content"] == res.raw_text
+
+
+def test_a_user_grammar_replaces_the_templates_grammar_setup(tool_llm: Llama) -> None:
+    # a schema makes the template's output-format grammar (with its generation-prompt prefill);
+    # the caller's own grammar must then apply from the first generated token
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    res = tool_llm.chat([{"role": "user", "content": "?"}], json_schema=schema, grammar='root ::= "yes"',
+                        max_tokens=5, temperature=0.0)
+    assert res.raw_text == "yes"
