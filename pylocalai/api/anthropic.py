@@ -172,6 +172,7 @@ class MessagesCall:
             "temperature": get_float(body, "temperature", lo=0.0, hi=2.0),
             "top_p": get_float(body, "top_p", lo=0.0, hi=1.0),
             "top_k": get_int(body, "top_k", lo=0),
+            "ignore_eos": get_bool(body, "ignore_eos"),  # llama.cpp extension, as on the other endpoints
         }
         self.sampling = sampling_for(self.cfg, fields, self.stop_sequences)
         self.id = "msg_" + uuid.uuid4().hex

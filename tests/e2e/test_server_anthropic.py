@@ -72,6 +72,15 @@ def test_max_tokens_and_stop_sequence_reasons(client: Any) -> None:
     assert stop not in m.content[0].text
 
 
+def test_ignore_eos_extension_gives_the_full_length(client: Any) -> None:
+    # "Say OK." ends after a couple of tokens; with llama.cpp's ignore_eos it runs to max_tokens
+    short = client.messages.create(model="smol", max_tokens=200, messages=[{"role": "user", "content": "Say OK."}])
+    assert short.stop_reason == "end_turn" and short.usage.output_tokens < 200
+    m = client.messages.create(model="smol", max_tokens=200, messages=[{"role": "user", "content": "Say OK."}],
+                               extra_body={"ignore_eos": True})
+    assert m.stop_reason == "max_tokens" and m.usage.output_tokens == 200
+
+
 def test_streaming_event_order(server: Server) -> None:
     resp = post(server, {"model": "smol", "max_tokens": 6, "stream": True, "messages": [{"role": "user", "content": "Hi"}]})
     assert resp.status_code == 200
