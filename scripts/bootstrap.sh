@@ -22,7 +22,7 @@ pip_install "scikit-build-core>=0.10" "pybind11>=2.12" "cmake>=3.21" ninja \
   "numpy>=1.24" "trio>=0.25" "pyyaml>=6" "quart-trio>=0.11" "hypercorn>=0.16"
 if [ "$want_test" = 1 ]; then
   echo "[bootstrap] test dependencies"
-  pip_install "pytest>=8" "pytest-benchmark>=4" openai anthropic httpx
+  pip_install "pytest>=8" "pytest-benchmark>=4" openai anthropic httpx matplotlib
   # The CUDA configure test needs cuBLAS; a toolkit that is only nvcc + runtime gets NVIDIA's wheel.
   if command -v nvcc >/dev/null; then
     cuda_lib="$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")"
