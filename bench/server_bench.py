@@ -361,7 +361,9 @@ def make_scenarios(args: argparse.Namespace) -> list[Scenario]:
     def concurrency(c: int, endpoint: str = "chat", n_req: int | None = None):
         async def run(server: Server, rep: int) -> dict[str, Any]:
             n = n_req or max(args.requests_per_client * c, c)
-            jobs = [(None, PROMPTS[(i + rep) % len(PROMPTS)]) for i in range(n)]
+            # a new prompt every time (numbered): servers reuse only what real traffic shares, the
+            # chat template's preamble, never a whole prompt cached from an earlier run
+            jobs = [(None, f"Task {endpoint}-{c}-{rep}-{i}. {PROMPTS[i % len(PROMPTS)]}") for i in range(n)]
             res, wall = await run_load(server.base, endpoint, server.model_name, jobs, c, n_tok, limit)
             return load_metrics(res, wall)
         return run
@@ -369,7 +371,7 @@ def make_scenarios(args: argparse.Namespace) -> list[Scenario]:
     async def prefix(server: Server, rep: int) -> dict[str, Any]:
         # a system prompt no server has seen (new per repeat), then warm requests that share it
         system = f"Session {rep}. You are a helpful assistant. Background notes follow. " + words(args.prefix_words, 1000 + rep)
-        jobs = [(system, PROMPTS[i % len(PROMPTS)]) for i in range(1 + args.prefix_warm)]
+        jobs = [(system, f"Task {i}. {PROMPTS[i % len(PROMPTS)]}") for i in range(1 + args.prefix_warm)]
         res, wall = await run_load(server.base, "chat", server.model_name, jobs, 1, 8, limit)
         cold, warm = res[0], [r for r in res[1:] if r.ok]
         return {"errors": sum(not r.ok for r in res), "error_samples": sorted({r.error for r in res if not r.ok})[:3],
@@ -648,9 +650,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-gen", type=int, default=128)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--requests-per-client", type=int, default=4)
-    ap.add_argument("--prefix-words", type=int, default=1150, help="shared system prompt length (~1,500 tokens)")
+    ap.add_argument("--prefix-words", type=int, default=1340, help="shared system prompt length (~1,500 tokens)")
     ap.add_argument("--prefix-warm", type=int, default=4, help="warm requests after the cold one")
-    ap.add_argument("--prefill-words", type=int, default=1550, help="long prompt length (~2,000 tokens)")
+    ap.add_argument("--prefill-words", type=int, default=1800, help="long prompt length (~2,000 tokens)")
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per run; requests left over are errors")
     ap.add_argument("--llama-cpp-python", choices=("auto", "yes", "no"), default="auto")
     ap.add_argument("--smoke", action="store_true", help="one short scenario, one repeat (CI keeps the harness working)")
