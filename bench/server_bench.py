@@ -161,10 +161,12 @@ class PylocalaiServer(Server):
         link = models / s.model.name
         if not link.exists():
             link.symlink_to(s.model.resolve())
+        # LocalAI's context_size is per request (each slot gets that much); llama-server's -c is the whole cache
+        per_slot = s.ctx // s.parallel
         (models / "bench.yaml").write_text(
-            f"name: {self.model_name}\nparameters:\n  model: {s.model.name}\ncontext_size: {s.ctx}\n")
+            f"name: {self.model_name}\nparameters:\n  model: {s.model.name}\ncontext_size: {per_slot}\n")
         return [sys.executable, "-m", "pylocalai.cli", "serve", "--address", f"127.0.0.1:{self.port}",
-                "--models-path", str(models), "--threads", str(s.threads), "--context-size", str(s.ctx),
+                "--models-path", str(models), "--threads", str(s.threads), "--context-size", str(per_slot),
                 "--parallel", str(s.parallel), "--data-path", str(self.workdir / "data"), "--log-level", "warning"]
 
 
