@@ -6,7 +6,6 @@
 
 #include "compat/compat.hpp"
 #include "engine_api.hpp"
-#include "ggml-backend.h"
 #include "llama.h"
 
 namespace py = pybind11;
@@ -20,6 +19,14 @@ T get_or(const py::dict & d, const char * key, T fallback) {
         return d[key].cast<T>();
     }
     return fallback;
+}
+
+template <typename T>
+std::optional<T> get_opt(const py::dict & d, const char * key) {
+    if (d.contains(key) && !d[key].is_none()) {
+        return d[key].cast<T>();
+    }
+    return std::nullopt;
 }
 
 void reject_unknown(const py::dict & d, std::initializer_list<const char *> known, const char * what) {
@@ -37,7 +44,8 @@ void reject_unknown(const py::dict & d, std::initializer_list<const char *> know
 
 ModelParams model_params_from(const std::string & path, const py::dict & d) {
     reject_unknown(d, {"n_gpu_layers", "main_gpu", "tensor_split", "use_mmap", "use_mlock", "check_tensors",
-                       "vocab_only", "rpc_servers"}, "model");
+                       "vocab_only", "rpc_servers", "repack_tensors", "use_thp", "merge_qkv", "merge_up_gate_exps",
+                       "validate_quants", "mla", "n_cpu_moe"}, "model");
     ModelParams p;
     p.path = path;
     p.n_gpu_layers = get_or(d, "n_gpu_layers", p.n_gpu_layers);
@@ -48,13 +56,23 @@ ModelParams model_params_from(const std::string & path, const py::dict & d) {
     p.check_tensors = get_or(d, "check_tensors", p.check_tensors);
     p.vocab_only = get_or(d, "vocab_only", p.vocab_only);
     p.rpc_servers = get_or(d, "rpc_servers", p.rpc_servers);
+    p.repack_tensors = get_opt<bool>(d, "repack_tensors");
+    p.use_thp = get_opt<bool>(d, "use_thp");
+    p.merge_qkv = get_opt<bool>(d, "merge_qkv");
+    p.merge_up_gate_exps = get_opt<bool>(d, "merge_up_gate_exps");
+    p.validate_quants = get_opt<bool>(d, "validate_quants");
+    p.mla = get_opt<int32_t>(d, "mla");
+    p.n_cpu_moe = get_opt<int32_t>(d, "n_cpu_moe");
     return p;
 }
 
 ContextParams context_params_from(const py::dict & d) {
     reject_unknown(d, {"n_ctx", "n_batch", "n_ubatch", "n_seq_max", "n_threads", "n_threads_batch", "flash_attn",
                        "type_k", "type_v", "kv_unified", "swa_full", "embeddings", "offload_kqv", "op_offload",
-                       "rope_freq_base", "rope_freq_scale"}, "context");
+                       "rope_freq_base", "rope_freq_scale", "mla_attn", "attn_max_batch", "fused_moe_up_gate",
+                       "fused_up_gate", "fused_mmad", "grouped_expert_routing", "rope_cache", "graph_reuse",
+                       "min_experts", "thresh_experts", "only_active_experts", "k_cache_hadamard",
+                       "v_cache_hadamard"}, "context");
     ContextParams p;
     p.n_ctx = get_or(d, "n_ctx", p.n_ctx);
     p.n_batch = get_or(d, "n_batch", p.n_batch);
@@ -72,6 +90,19 @@ ContextParams context_params_from(const py::dict & d) {
     p.op_offload = get_or(d, "op_offload", p.op_offload);
     p.rope_freq_base = get_or(d, "rope_freq_base", p.rope_freq_base);
     p.rope_freq_scale = get_or(d, "rope_freq_scale", p.rope_freq_scale);
+    p.mla_attn = get_opt<int32_t>(d, "mla_attn");
+    p.attn_max_batch = get_opt<int32_t>(d, "attn_max_batch");
+    p.fused_moe_up_gate = get_opt<bool>(d, "fused_moe_up_gate");
+    p.fused_up_gate = get_opt<bool>(d, "fused_up_gate");
+    p.fused_mmad = get_opt<bool>(d, "fused_mmad");
+    p.grouped_expert_routing = get_opt<bool>(d, "grouped_expert_routing");
+    p.rope_cache = get_opt<bool>(d, "rope_cache");
+    p.graph_reuse = get_opt<bool>(d, "graph_reuse");
+    p.min_experts = get_opt<int32_t>(d, "min_experts");
+    p.thresh_experts = get_opt<float>(d, "thresh_experts");
+    p.only_active_experts = get_opt<bool>(d, "only_active_experts");
+    p.k_cache_hadamard = get_opt<bool>(d, "k_cache_hadamard");
+    p.v_cache_hadamard = get_opt<bool>(d, "v_cache_hadamard");
     return p;
 }
 
@@ -244,7 +275,7 @@ void register_session(py::module_ & m) {
                  py::gil_scoped_release release;
                  return std::make_unique<Session>(std::move(model), p);
              }),
-             py::arg("model"), py::arg("params") = py::dict())
+             py::arg("model").none(false), py::arg("params") = py::dict())
         .def_property_readonly("n_ctx", &Session::n_ctx)
         .def_property_readonly("n_ctx_seq", &Session::n_ctx_seq)
         .def_property_readonly("n_batch", &Session::n_batch)
@@ -319,11 +350,5 @@ PYBIND11_MODULE(PYLOCALAI_ENGINE_MODULE, m) {
     m.def("cache_type_names", &ns::cache_type_names);
     m.def("system_info", [] { return std::string(llama_print_system_info()); });
     m.def("supports_gpu_offload", [] { return llama_supports_gpu_offload(); });
-    m.def("backends", [] {
-        std::vector<std::string> names;
-        for (size_t i = 0; i < ggml_backend_reg_count(); ++i) {
-            names.emplace_back(ggml_backend_reg_name(ggml_backend_reg_get(i)));
-        }
-        return names;
-    });
+    m.def("backends", &ns::compat::backend_names);
 }

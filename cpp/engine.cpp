@@ -65,14 +65,14 @@ std::string Model::chat_parse(const std::string & text, const ChatParseOptions &
 
 std::string json_schema_to_gbnf(const std::string & schema_json) { return compat::json_schema_to_gbnf(schema_json); }
 
-std::vector<std::string> cache_type_names() {
-    return {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"};
-}
+std::vector<std::string> cache_type_names() { return compat::cache_type_names(); }
 
 // ---------------------------------------------------------------- Session
 
 Session::Session(std::shared_ptr<Model> model, const ContextParams & params) : model_(std::move(model)) {
     ctx_ = compat::new_context(model_->raw(), params);
+    n_ctx_seq_ = compat::n_ctx_seq(ctx_, params);
+    n_seq_max_ = compat::n_seq_max(ctx_, params);
 }
 
 Session::~Session() {
@@ -83,9 +83,9 @@ Session::~Session() {
 }
 
 uint32_t Session::n_ctx() const { return llama_n_ctx(ctx_); }
-uint32_t Session::n_ctx_seq() const { return compat::n_ctx_seq(ctx_); }
+uint32_t Session::n_ctx_seq() const { return n_ctx_seq_; }
 uint32_t Session::n_batch() const { return llama_n_batch(ctx_); }
-uint32_t Session::n_seq_max() const { return llama_n_seq_max(ctx_); }
+uint32_t Session::n_seq_max() const { return n_seq_max_; }
 
 void Session::set_sampler(int32_t seq, const SamplingParams & params, const std::vector<int32_t> & history) {
     if (seq < 0 || static_cast<uint32_t>(seq) >= n_seq_max()) {

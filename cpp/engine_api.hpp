@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -32,6 +33,15 @@ struct ModelParams {
     bool check_tensors = false;
     bool vocab_only = false;
     std::vector<std::string> rpc_servers;  // host:port of ggml RPC servers
+
+    // ik_llama.cpp only. Unset: the fork's default; the llama.cpp engine rejects any that is set.
+    std::optional<bool> repack_tensors;      // run-time repack into row-interleaved types (CPU; -rtr)
+    std::optional<bool> use_thp;             // transparent huge pages for the weights (Linux)
+    std::optional<bool> merge_qkv;           // merge separate Q, K, V weights into one tensor
+    std::optional<bool> merge_up_gate_exps;  // merge MoE up and gate expert weights into one tensor
+    std::optional<bool> validate_quants;     // check quantized weights for NaNs at load
+    std::optional<int32_t> mla;              // MLA preparation at load (DeepSeek-style models); 3 if unset
+    std::optional<int32_t> n_cpu_moe;        // keep the MoE weights of the first N layers in CPU memory
 };
 
 struct ContextParams {
@@ -51,6 +61,21 @@ struct ContextParams {
     bool op_offload = true;
     float rope_freq_base = 0.0f;
     float rope_freq_scale = 0.0f;
+
+    // ik_llama.cpp only. Unset: the fork's default; the llama.cpp engine rejects any that is set.
+    std::optional<int32_t> mla_attn;           // 0 standard attention, 1..3 MLA variants (DeepSeek-style)
+    std::optional<int32_t> attn_max_batch;     // max batch of one attention op without flash attention; 0 off
+    std::optional<bool> fused_moe_up_gate;     // fused up * act(gate) for MoE experts
+    std::optional<bool> fused_up_gate;         // fused up * act(gate) for dense FFNs
+    std::optional<bool> fused_mmad;            // fused mul + multi_add
+    std::optional<bool> grouped_expert_routing;
+    std::optional<bool> rope_cache;
+    std::optional<bool> graph_reuse;           // reuse the compute graph between similar decodes
+    std::optional<int32_t> min_experts;        // smart expert reduction: at least this many experts...
+    std::optional<float> thresh_experts;       // ...then drop experts below this share of the top one
+    std::optional<bool> only_active_experts;   // hybrid CPU/GPU: upload only the experts a batch uses
+    std::optional<bool> k_cache_hadamard;      // Hadamard transform on the K cache (quantized caches)
+    std::optional<bool> v_cache_hadamard;      // Hadamard transform on the V cache (needs flash attention)
 };
 
 struct GrammarTrigger {
@@ -223,6 +248,8 @@ private:
     std::map<int32_t, std::unique_ptr<SeqSampler>> samplers_;
     std::map<int32_t, int32_t> n_probs_;
     std::map<int32_t, std::vector<int32_t>> preserved_;
+    uint32_t n_ctx_seq_ = 0;
+    uint32_t n_seq_max_ = 0;
 };
 
 }  // namespace PYLOCALAI_ENGINE_NS

@@ -1,6 +1,6 @@
 // The thin per-fork layer: every call whose name, signature or struct differs between llama.cpp
 // forks goes through here. engine.cpp and bindings.cpp are fork-neutral.
-// One implementation per fork: compat/upstream.cpp (llama.cpp, turboquant).
+// One implementation per fork: compat/upstream.cpp (llama.cpp, turboquant), compat/ik.cpp (ik_llama.cpp).
 #pragma once
 
 #include "engine_api.hpp"
@@ -10,13 +10,19 @@ struct llama_batch;
 namespace PYLOCALAI_ENGINE_NS {
 namespace compat {
 
+// Once per process; throws EngineError when this CPU cannot run the build (ik_llama.cpp needs AVX2).
 void backend_init();
+std::vector<std::string> backend_names();
+std::vector<std::string> cache_type_names();  // KV cache types new_context accepts
+
 llama_model * load_model(const ModelParams & params);
 void free_model(llama_model * model);
 void fill_model_info(llama_model * model, ModelInfo & info);
 
 llama_context * new_context(llama_model * model, const ContextParams & params);
-uint32_t n_ctx_seq(llama_context * ctx);
+// Positions one sequence may use: the whole context when sequences share the cache (kv_unified).
+uint32_t n_ctx_seq(llama_context * ctx, const ContextParams & params);
+uint32_t n_seq_max(llama_context * ctx, const ContextParams & params);
 
 int32_t tokenize(const llama_vocab * vocab, const std::string & text, bool add_special, bool parse_special,
                  std::vector<int32_t> & out);

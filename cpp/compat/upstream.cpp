@@ -72,6 +72,40 @@ const common_chat_templates * templates_for(llama_model * model, const std::stri
     return it->second.get();
 }
 
+// ModelParams/ContextParams carry ik_llama.cpp's own knobs too; this fork has none of them.
+void reject_ik_only(const char * name, bool is_set) {
+    if (is_set) {
+        throw std::invalid_argument(std::string("'") + name + "' is an ik_llama.cpp option; the " PYLOCALAI_ENGINE_NAME
+                                    " engine does not have it");
+    }
+}
+
+void reject_ik_only(const ModelParams & p) {
+    reject_ik_only("repack_tensors", p.repack_tensors.has_value());
+    reject_ik_only("use_thp", p.use_thp.has_value());
+    reject_ik_only("merge_qkv", p.merge_qkv.has_value());
+    reject_ik_only("merge_up_gate_exps", p.merge_up_gate_exps.has_value());
+    reject_ik_only("validate_quants", p.validate_quants.has_value());
+    reject_ik_only("mla", p.mla.has_value());
+    reject_ik_only("n_cpu_moe", p.n_cpu_moe.has_value());
+}
+
+void reject_ik_only(const ContextParams & p) {
+    reject_ik_only("mla_attn", p.mla_attn.has_value());
+    reject_ik_only("attn_max_batch", p.attn_max_batch.has_value());
+    reject_ik_only("fused_moe_up_gate", p.fused_moe_up_gate.has_value());
+    reject_ik_only("fused_up_gate", p.fused_up_gate.has_value());
+    reject_ik_only("fused_mmad", p.fused_mmad.has_value());
+    reject_ik_only("grouped_expert_routing", p.grouped_expert_routing.has_value());
+    reject_ik_only("rope_cache", p.rope_cache.has_value());
+    reject_ik_only("graph_reuse", p.graph_reuse.has_value());
+    reject_ik_only("min_experts", p.min_experts.has_value());
+    reject_ik_only("thresh_experts", p.thresh_experts.has_value());
+    reject_ik_only("only_active_experts", p.only_active_experts.has_value());
+    reject_ik_only("k_cache_hadamard", p.k_cache_hadamard.has_value());
+    reject_ik_only("v_cache_hadamard", p.v_cache_hadamard.has_value());
+}
+
 }  // namespace
 
 void backend_init() {
@@ -82,7 +116,20 @@ void backend_init() {
     });
 }
 
+std::vector<std::string> backend_names() {
+    std::vector<std::string> names;
+    for (size_t i = 0; i < ggml_backend_reg_count(); ++i) {
+        names.emplace_back(ggml_backend_reg_name(ggml_backend_reg_get(i)));
+    }
+    return names;
+}
+
+std::vector<std::string> cache_type_names() {
+    return {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"};
+}
+
 llama_model * load_model(const ModelParams & p) {
+    reject_ik_only(p);
     backend_init();
     add_rpc_servers(p.rpc_servers);
     llama_model_params mp = llama_model_default_params();
@@ -160,6 +207,7 @@ void fill_model_info(llama_model * model, ModelInfo & info) {
 }
 
 llama_context * new_context(llama_model * model, const ContextParams & p) {
+    reject_ik_only(p);
     llama_context_params cp = llama_context_default_params();
     const int32_t hw = std::max(1, static_cast<int32_t>(std::thread::hardware_concurrency()));
     cp.n_ctx = p.n_ctx;
@@ -188,7 +236,8 @@ llama_context * new_context(llama_model * model, const ContextParams & p) {
     return ctx;
 }
 
-uint32_t n_ctx_seq(llama_context * ctx) { return llama_n_ctx_seq(ctx); }
+uint32_t n_ctx_seq(llama_context * ctx, const ContextParams & /*params*/) { return llama_n_ctx_seq(ctx); }
+uint32_t n_seq_max(llama_context * ctx, const ContextParams & /*params*/) { return llama_n_seq_max(ctx); }
 
 int32_t tokenize(const llama_vocab * vocab, const std::string & text, bool add_special, bool parse_special,
                  std::vector<int32_t> & out) {

@@ -14,6 +14,10 @@ BACKENDS: dict[str, str] = {
     "llama-cpp": "llama_cpp",
     "llama": "llama_cpp",
     "llama_cpp": "llama_cpp",
+    "ik-llama-cpp": "ik_llama_cpp",
+    "ik-llama": "ik_llama_cpp",
+    "ik_llama": "ik_llama_cpp",
+    "ik_llama_cpp": "ik_llama_cpp",
 }
 
 DEFAULT_BACKEND = "llama-cpp"

@@ -45,6 +45,7 @@ def test_rpc_backend_and_cpu_features_are_built_in(engine: Any) -> None:
 
 def test_backend_names() -> None:
     assert engine_key("llama-cpp") == engine_key("llama") == "llama_cpp"
+    assert engine_key("ik-llama-cpp") == engine_key("ik-llama") == engine_key("IK_LLAMA") == "ik_llama_cpp"
     with pytest.raises(InvalidRequestError, match="unknown backend"):
         engine_key("nope")
 

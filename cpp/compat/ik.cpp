@@ -1,0 +1,644 @@
+// compat layer for ik_llama.cpp: the older llama.cpp API (model-based vocab calls, ctx-based KV
+// calls, no sampler chain) plus ik's own model and context knobs.
+#include "compat/compat.hpp"
+
+#include "chat.h"
+#include "common.h"
+#include "json-schema-to-grammar.h"
+#include "llama.h"
+
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <deque>
+#include <mutex>
+#include <random>
+#include <thread>
+
+#if defined(__aarch64__) && defined(__linux__)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
+#endif
+
+namespace PYLOCALAI_ENGINE_NS {
+namespace compat {
+
+namespace {
+
+std::once_flag g_backend_once;
+
+void quiet_log(ggml_log_level level, const char * text, void * /*user*/) {
+    // ik logs every tensor at load; keep warnings and errors only.
+    if (level == GGML_LOG_LEVEL_ERROR || level == GGML_LOG_LEVEL_WARN) {
+        fputs(text, stderr);
+    }
+}
+
+// ik's fast paths (the IQK GEMM and flash-attention kernels) need AVX2 on x86 and dotprod on Arm,
+// and ggml is compiled for one ISA (no runtime dispatch): running it on a CPU without an extension
+// it was built with dies of SIGILL. Say so instead. (Static initializers run before this check, but
+// they are plain C++ that the compiler is unlikely to vectorize with those extensions.)
+void check_cpu() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    struct Feature {
+        const char * name;
+        bool built;
+        bool present;
+    };
+    const Feature features[] = {
+        {"AVX2", true, static_cast<bool>(__builtin_cpu_supports("avx2"))},
+        {"FMA", ggml_cpu_has_fma() != 0, static_cast<bool>(__builtin_cpu_supports("fma"))},
+        {"AVX512F", ggml_cpu_has_avx512() != 0, static_cast<bool>(__builtin_cpu_supports("avx512f"))},
+        {"AVX512VNNI", ggml_cpu_has_avx512_vnni() != 0, static_cast<bool>(__builtin_cpu_supports("avx512vnni"))},
+        {"AVX512VBMI", ggml_cpu_has_avx512_vbmi() != 0, static_cast<bool>(__builtin_cpu_supports("avx512vbmi"))},
+        {"AVX512BF16", ggml_cpu_has_avx512_bf16() != 0, static_cast<bool>(__builtin_cpu_supports("avx512bf16"))},
+    };
+    for (const auto & f : features) {
+        if (f.built && !f.present) {
+            throw EngineError(std::string("ik_llama.cpp needs a CPU with AVX2 (and every x86 extension it was built "
+                                          "for); this CPU lacks ") + f.name + ". Use the llama-cpp backend instead.");
+        }
+    }
+#elif defined(__aarch64__) && defined(__linux__)
+    if ((getauxval(AT_HWCAP) & HWCAP_ASIMDDP) == 0) {
+        throw EngineError("ik_llama.cpp needs an Arm CPU with the dot-product extension (asimddp); this CPU lacks "
+                          "it. Use the llama-cpp backend instead.");
+    }
+#endif
+}
+
+ggml_type cache_type_from_name(const std::string & name) {
+    const auto names = cache_type_names();
+    if (std::find(names.begin(), names.end(), name) != names.end()) {
+        for (int i = 0; i < GGML_TYPE_COUNT; ++i) {
+            const auto t = static_cast<ggml_type>(i);
+            const char * tn = ggml_type_name(t);
+            if (tn != nullptr && name == tn) {
+                return t;
+            }
+        }
+    }
+    throw std::invalid_argument("unknown KV cache type '" + name + "'");
+}
+
+struct Templates {
+    common_chat_templates_ptr tmpls;
+    bool supports_thinking = false;  // enable_thinking changes what the template renders
+};
+
+std::mutex g_tmpl_mutex;
+std::map<std::pair<const llama_model *, std::string>, Templates> g_templates;
+
+const Templates & templates_for(llama_model * model, const std::string & override_src) {
+    std::lock_guard<std::mutex> lock(g_tmpl_mutex);
+    auto key = std::make_pair(static_cast<const llama_model *>(model), override_src);
+    auto it = g_templates.find(key);
+    if (it == g_templates.end()) {
+        Templates t;
+        t.tmpls = common_chat_templates_init(model, override_src);
+        t.supports_thinking = common_chat_templates_support_enable_thinking(t.tmpls.get());
+        it = g_templates.emplace(key, std::move(t)).first;
+    }
+    return it->second;
+}
+
+std::string model_arch(const llama_model * model) {
+    char buf[128];
+    return llama_model_meta_val_str(model, "general.architecture", buf, sizeof(buf)) >= 0 ? std::string(buf)
+                                                                                          : std::string();
+}
+
+}  // namespace
+
+void backend_init() {
+    // A failed check throws every time (call_once retries after an exception): each import or load
+    // reports it.
+    std::call_once(g_backend_once, [] {
+        check_cpu();
+        llama_log_set(quiet_log, nullptr);
+        llama_backend_init();
+    });
+}
+
+std::vector<std::string> backend_names() {
+    std::vector<std::string> names;
+    for (size_t i = 0; i < ggml_backend_reg_get_count(); ++i) {
+        names.emplace_back(ggml_backend_reg_get_name(i));
+    }
+    return names;
+}
+
+std::vector<std::string> cache_type_names() {
+    return {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1", "q6_0", "q8_KV"};
+}
+
+llama_model * load_model(const ModelParams & p) {
+    backend_init();
+    llama_model_params mp = llama_model_default_params();
+    mp.main_gpu = p.main_gpu;
+    mp.use_mmap = p.use_mmap;
+    mp.use_mlock = p.use_mlock;
+    mp.check_tensors = p.check_tensors;
+    mp.vocab_only = p.vocab_only;
+    std::vector<float> split(llama_max_devices(), 0.0f);
+    if (!p.tensor_split.empty()) {
+        if (p.tensor_split.size() > split.size()) {
+            throw std::invalid_argument("tensor_split has more entries than this build supports devices");
+        }
+        std::copy(p.tensor_split.begin(), p.tensor_split.end(), split.begin());
+        mp.tensor_split = split.data();
+    }
+    std::string rpc;  // ik takes the servers as one comma-separated string
+    for (const auto & endpoint : p.rpc_servers) {
+        rpc += (rpc.empty() ? "" : ",") + endpoint;
+    }
+    if (!rpc.empty()) {
+        mp.rpc_servers = rpc.c_str();
+    }
+    // Without a GPU backend or RPC server ik takes the CPU for offload device 0 and warns that it
+    // has no free memory. It has no "negative: all layers" either.
+    const bool can_offload = backend_names().size() > 1 || !rpc.empty();
+    mp.n_gpu_layers = !can_offload ? 0 : (p.n_gpu_layers < 0 ? 999 : p.n_gpu_layers);
+    // ik's own CLI default (its C default is 0): MLA-ready weights for the context's default mla_attn=3
+    mp.mla = p.mla.value_or(3);
+    mp.repack_tensors = p.repack_tensors.value_or(mp.repack_tensors);
+    mp.use_thp = p.use_thp.value_or(mp.use_thp);
+    mp.merge_qkv = p.merge_qkv.value_or(mp.merge_qkv);
+    mp.merge_up_gate_exps = p.merge_up_gate_exps.value_or(mp.merge_up_gate_exps);
+    mp.validate_quants = p.validate_quants.value_or(mp.validate_quants);
+    if (p.n_cpu_moe.has_value() && *p.n_cpu_moe < 0) {
+        throw std::invalid_argument("n_cpu_moe must be >= 0");
+    }
+    mp.ncmoe = p.n_cpu_moe.value_or(mp.ncmoe);
+    llama_model * model = llama_model_load_from_file(p.path.c_str(), mp);
+    if (model == nullptr) {
+        throw EngineError("failed to load model from '" + p.path + "' (not a GGUF this engine can read?)");
+    }
+    return model;
+}
+
+void free_model(llama_model * model) {
+    {
+        std::lock_guard<std::mutex> lock(g_tmpl_mutex);
+        for (auto it = g_templates.begin(); it != g_templates.end();) {
+            it = it->first.first == model ? g_templates.erase(it) : std::next(it);
+        }
+    }
+    llama_free_model(model);
+}
+
+void fill_model_info(llama_model * model, ModelInfo & info) {
+    const llama_vocab * vocab = llama_model_get_vocab(model);
+    char buf[512];
+    info.architecture = model_arch(model);
+    llama_model_desc(model, buf, sizeof(buf));
+    info.description = buf;
+    info.n_ctx_train = llama_n_ctx_train(model);
+    info.n_vocab = llama_vocab_n_tokens(vocab);
+    info.n_embd = llama_model_n_embd(model);
+    info.n_layer = llama_n_layer(model);
+    info.n_params = llama_model_n_params(model);
+    info.size_bytes = llama_model_size(model);
+    info.bos = llama_vocab_bos(vocab);
+    info.eos = llama_vocab_eos(vocab);
+    info.eot = llama_token_eot(model);
+    info.add_bos = llama_vocab_get_add_bos(vocab);
+    for (int32_t t = 0; t < info.n_vocab; ++t) {
+        if (llama_vocab_is_eog(vocab, t)) {
+            info.eog_tokens.push_back(t);
+        }
+    }
+    if (const char * tmpl = llama_model_chat_template(model, nullptr)) {
+        info.chat_template = tmpl;
+    }
+    info.recurrent = llama_model_is_recurrent(model);
+    info.hybrid = llama_model_is_hybrid(model);
+    info.has_encoder = llama_model_has_encoder(model);
+    const int32_t n_meta = llama_model_meta_count(model);
+    std::vector<char> val(1 << 16);
+    for (int32_t i = 0; i < n_meta; ++i) {
+        if (llama_model_meta_key_by_index(model, i, buf, sizeof(buf)) < 0) {
+            continue;
+        }
+        const int32_t n = llama_model_meta_val_str_by_index(model, i, val.data(), val.size());
+        if (n >= 0 && static_cast<size_t>(n) < val.size()) {
+            info.metadata[buf] = val.data();
+        }
+    }
+}
+
+llama_context * new_context(llama_model * model, const ContextParams & p) {
+    if (!p.op_offload) {
+        throw std::invalid_argument("op_offload=false is not supported by ik_llama.cpp");
+    }
+    llama_context_params cp = llama_context_default_params();
+    const uint32_t hw = std::max(1u, std::thread::hardware_concurrency());
+    cp.n_ctx = p.n_ctx;
+    cp.n_batch = p.n_batch;
+    cp.n_ubatch = std::min(p.n_ubatch, p.n_batch);
+    cp.n_seq_max = p.n_seq_max;
+    cp.n_threads = p.n_threads > 0 ? static_cast<uint32_t>(p.n_threads) : hw;
+    cp.n_threads_batch = p.n_threads_batch > 0 ? static_cast<uint32_t>(p.n_threads_batch) : cp.n_threads;
+    // "auto" is off here: ik's flash attention asserts (S > 0) once a second sequence shares the KV
+    // cache, which is every batched server, and ends the process.
+    cp.flash_attn = p.flash_attn > 0;
+    if (cp.flash_attn && p.n_seq_max > 1) {
+        throw std::invalid_argument("flash_attn with more than one sequence (n_seq_max > 1) aborts in "
+                                    "ik_llama.cpp; use flash_attn off or a single sequence");
+    }
+    cp.type_k = cache_type_from_name(p.type_k);
+    cp.type_v = cache_type_from_name(p.type_v);
+    if (!cp.flash_attn && ggml_is_quantized(cp.type_v)) {
+        throw std::invalid_argument("a quantized V cache needs flash attention, which ik_llama.cpp only allows "
+                                    "with a single sequence");
+    }
+    // kv_unified: ik has one cache that all sequences share; n_ctx_seq splits it when not unified.
+    // swa_full: ik keeps a full-size cache for sliding-window layers either way.
+    cp.embeddings = p.embeddings;
+    cp.offload_kqv = p.offload_kqv;
+    cp.rope_freq_base = p.rope_freq_base;
+    cp.rope_freq_scale = p.rope_freq_scale;
+    cp.mla_attn = p.mla_attn.value_or(cp.mla_attn);
+    if (cp.mla_attn < 0 || cp.mla_attn > 3) {
+        throw std::invalid_argument("mla_attn must be 0, 1, 2 or 3");
+    }
+    cp.attn_max_batch = p.attn_max_batch.value_or(cp.attn_max_batch);
+    cp.fused_moe_up_gate = p.fused_moe_up_gate.value_or(cp.fused_moe_up_gate);
+    cp.fused_up_gate = p.fused_up_gate.value_or(cp.fused_up_gate);
+    cp.fused_mmad = p.fused_mmad.value_or(cp.fused_mmad);
+    cp.grouped_expert_routing = p.grouped_expert_routing.value_or(cp.grouped_expert_routing);
+    cp.rope_cache = p.rope_cache.value_or(cp.rope_cache);
+    cp.graph_reuse = p.graph_reuse.value_or(cp.graph_reuse);
+    cp.min_experts = p.min_experts.value_or(cp.min_experts);
+    cp.thresh_experts = p.thresh_experts.value_or(cp.thresh_experts);
+    cp.only_active_experts = p.only_active_experts.value_or(cp.only_active_experts);
+    cp.k_cache_hadamard = p.k_cache_hadamard.value_or(cp.k_cache_hadamard);
+    cp.v_cache_hadamard = p.v_cache_hadamard.value_or(cp.v_cache_hadamard);
+    if (cp.v_cache_hadamard && !cp.flash_attn) {
+        throw std::invalid_argument("v_cache_hadamard needs flash attention");
+    }
+    llama_context * ctx = llama_init_from_model(model, cp);
+    if (ctx == nullptr) {
+        throw EngineError("failed to create the llama context (out of memory, or unsupported settings)");
+    }
+    return ctx;
+}
+
+uint32_t n_ctx_seq(llama_context * ctx, const ContextParams & params) {
+    const uint32_t n_ctx = llama_n_ctx(ctx);
+    return params.kv_unified ? n_ctx : n_ctx / n_seq_max(ctx, params);
+}
+
+// ik's llama_n_seq_max() reports the KV cache size, not the sequence count.
+uint32_t n_seq_max(llama_context * /*ctx*/, const ContextParams & params) { return std::max(1u, params.n_seq_max); }
+
+int32_t tokenize(const llama_vocab * vocab, const std::string & text, bool add_special, bool parse_special,
+                 std::vector<int32_t> & out) {
+    out.resize(text.size() + 2);
+    int32_t n = llama_vocab_tokenize(vocab, text.data(), static_cast<int32_t>(text.size()), out.data(),
+                                     static_cast<int32_t>(out.size()), add_special, parse_special);
+    if (n < 0) {
+        out.resize(static_cast<size_t>(-n));
+        n = llama_vocab_tokenize(vocab, text.data(), static_cast<int32_t>(text.size()), out.data(),
+                                 static_cast<int32_t>(out.size()), add_special, parse_special);
+    }
+    if (n < 0) {
+        throw EngineError("tokenization failed");
+    }
+    out.resize(static_cast<size_t>(n));
+    return n;
+}
+
+std::string token_to_piece(const llama_vocab * vocab, int32_t token, bool special) {
+    char small[64];
+    int32_t n = llama_token_to_piece_vocab(vocab, token, small, sizeof(small), 0, special);
+    if (n >= 0) {
+        return std::string(small, static_cast<size_t>(n));
+    }
+    std::string big(static_cast<size_t>(-n), '\0');
+    n = llama_token_to_piece_vocab(vocab, token, big.data(), static_cast<int32_t>(big.size()), 0, special);
+    big.resize(static_cast<size_t>(std::max(n, 0)));
+    return big;
+}
+
+bool seq_rm(llama_context * ctx, int32_t seq, int32_t p0, int32_t p1) { return llama_kv_cache_seq_rm(ctx, seq, p0, p1); }
+void seq_cp(llama_context * ctx, int32_t src, int32_t dst, int32_t p0, int32_t p1) {
+    llama_kv_cache_seq_cp(ctx, src, dst, p0, p1);
+}
+void seq_keep(llama_context * ctx, int32_t seq) { llama_kv_cache_seq_keep(ctx, seq); }
+void seq_add(llama_context * ctx, int32_t seq, int32_t p0, int32_t p1, int32_t delta) {
+    llama_kv_cache_seq_add(ctx, seq, p0, p1, delta);
+}
+int32_t seq_pos_max(llama_context * ctx, int32_t seq) {
+    // ik's pos_max answers 0 for an empty sequence where upstream answers -1; its pos_min still
+    // answers -1 (except for recurrent caches, where it is pos_max again).
+    return llama_kv_cache_seq_pos_min(ctx, seq) < 0 ? -1 : llama_kv_cache_seq_pos_max(ctx, seq);
+}
+void memory_clear(llama_context * ctx) { llama_kv_cache_clear(ctx); }
+
+bool can_shift(llama_context * ctx) {
+    // ik has no can_shift call; these are the cases its K-shift refuses (MLA caches, imrope) or that
+    // keep no per-position cache at all.
+    const llama_model * model = llama_get_model(ctx);
+    const std::string arch = model_arch(model);
+    return !llama_model_is_recurrent(model) && !llama_model_is_hybrid(model) && arch != "deepseek2" &&
+           arch != "glm-dsa" && llama_rope_type(model) != LLAMA_ROPE_TYPE_IMROPE;
+}
+
+ChatPrompt chat_apply(llama_model * model, const ChatOptions & o) {
+    const Templates & t = templates_for(model, o.template_override);
+    const llama_vocab * vocab = llama_model_get_vocab(model);
+    common_chat_templates_inputs in;
+    in.messages = common_chat_msgs_parse_oaicompat(nlohmann::ordered_json::parse(o.messages_json));
+    if (!o.tools_json.empty()) {
+        in.tools = common_chat_tools_parse_oaicompat(nlohmann::ordered_json::parse(o.tools_json));
+    }
+    in.tool_choice = common_chat_tool_choice_parse_oaicompat(o.tool_choice);
+    in.parallel_tool_calls = o.parallel_tool_calls;
+    in.add_generation_prompt = o.add_generation_prompt;
+    in.enable_thinking = o.enable_thinking;
+    in.json_schema = o.json_schema;
+    in.grammar = o.grammar;
+    in.use_jinja = true;
+    in.add_bos = llama_vocab_get_add_bos(vocab);
+    in.add_eos = llama_vocab_get_add_eos(vocab);
+    in.reasoning_format = COMMON_REASONING_FORMAT_DEEPSEEK;
+    for (const auto & [k, v] : o.template_kwargs) {
+        in.chat_template_kwargs[k] = v;
+    }
+    common_chat_params r = common_chat_templates_apply(t.tmpls.get(), in);
+    ChatPrompt out;
+    out.prompt = r.prompt;
+    out.grammar = r.grammar;
+    out.grammar_lazy = r.grammar_lazy;
+    for (const auto & g : r.grammar_triggers) {
+        out.grammar_triggers.push_back({static_cast<int32_t>(g.type), g.value, g.token});
+    }
+    out.preserved_tokens = r.preserved_tokens;
+    out.additional_stops = r.additional_stops;
+    out.format = static_cast<int32_t>(r.format);
+    out.format_name = common_chat_format_name(r.format);
+    out.parser = r.parser;
+    out.supports_thinking = t.supports_thinking || r.thinking_forced_open;
+    // ik's templates report only that the prompt ends inside an opened reasoning block (its opening
+    // tag, e.g. "<think>\n"). That tail is the generation prompt the answer continues, and its being
+    // non-empty is what chat_parse reads back. ik's grammars already allow for it: SeqSampler never
+    // feeds it to them.
+    if (r.thinking_forced_open) {
+        const size_t open = r.prompt.rfind('<');
+        out.generation_prompt = open == std::string::npos ? std::string() : r.prompt.substr(open);
+    }
+    return out;
+}
+
+std::string chat_parse(const std::string & text, const ChatParseOptions & o) {
+    if (o.format < 0 || o.format >= COMMON_CHAT_FORMAT_COUNT) {
+        throw std::invalid_argument("unknown chat format " + std::to_string(o.format));
+    }
+    common_chat_syntax syntax;
+    syntax.format = static_cast<common_chat_format>(o.format);
+    syntax.reasoning_format = o.reasoning ? COMMON_REASONING_FORMAT_DEEPSEEK : COMMON_REASONING_FORMAT_NONE;
+    syntax.thinking_forced_open = !o.generation_prompt.empty();
+    syntax.parse_tool_calls = o.parse_tool_calls;
+    if (!o.parser.empty()) {
+        syntax.parser.load(o.parser);
+    }
+    common_chat_msg msg = common_chat_parse(text, o.is_partial, syntax);
+    return msg.to_json_oaicompat().dump();
+}
+
+std::string json_schema_to_gbnf(const std::string & schema_json) {
+    return json_schema_to_grammar(nlohmann::ordered_json::parse(schema_json));
+}
+
+}  // namespace compat
+
+// ik has no sampler chain, and its common_sampler edits the logits in place (logit bias) and counts
+// never-seen token 0 in the penalty window. So this is upstream's chain rebuilt from ik's legacy
+// llama_sample_* steps over a private copy of the logits row: logit bias, penalties, top-k,
+// typical, top-p, min-p, temperature, then a draw from this sequence's own seeded generator.
+// Grammars are llama_grammar objects, checked on the drawn token first and applied to the whole
+// vocabulary only when it is rejected (as upstream's common_sampler_sample does).
+struct SeqSampler::Impl {
+    SamplingParams p;
+    const llama_vocab * vocab = nullptr;
+    int32_t n_vocab = 0;
+    bool plain_greedy = false;
+    std::vector<uint8_t> banned;  // plain greedy: end-of-generation tokens when ignore_eos
+    std::vector<std::pair<int32_t, float>> bias;
+    std::deque<int32_t> recent;   // the penalty window
+    size_t window = 0;
+    llama_grammar * grammar = nullptr;
+    std::mt19937 rng;
+    std::vector<llama_token_data> cur;
+
+    ~Impl() {
+        if (grammar != nullptr) {
+            llama_grammar_free(grammar);
+        }
+    }
+
+    void remember(int32_t tok) {
+        if (window == 0) {
+            return;
+        }
+        recent.push_back(tok);
+        if (recent.size() > window) {
+            recent.pop_front();
+        }
+    }
+
+    // The candidates from the logits row, with bias and penalties.
+    llama_token_data_array candidates(llama_context * ctx, const float * logits) {
+        cur.resize(static_cast<size_t>(n_vocab));
+        for (int32_t t = 0; t < n_vocab; ++t) {
+            cur[t] = llama_token_data{t, logits[t], 0.0f};
+        }
+        for (const auto & [tok, b] : bias) {
+            cur[tok].logit += b;
+        }
+        llama_token_data_array arr{cur.data(), cur.size(), -1, false};
+        if (!recent.empty()) {
+            const std::vector<llama_token> last(recent.begin(), recent.end());
+            llama_sample_repetition_penalties(ctx, &arr, last.data(), last.size(), p.repeat_penalty,
+                                              p.frequency_penalty, p.presence_penalty);
+        }
+        return arr;
+    }
+
+    // Filters and draw; -1 when every candidate is masked out.
+    int32_t draw(llama_context * ctx, llama_token_data_array & arr) {
+        if (p.temperature <= 0.0f) {  // greedy: the first maximum, as upstream's temp sampler keeps
+            int32_t best = -1;
+            float best_logit = -INFINITY;
+            for (size_t i = 0; i < arr.size; ++i) {
+                if (arr.data[i].logit > best_logit) {
+                    best_logit = arr.data[i].logit;
+                    best = arr.data[i].id;
+                }
+            }
+            return best;
+        }
+        if (p.top_k > 0) {
+            llama_sample_top_k(ctx, &arr, p.top_k, 1);
+        }
+        if (p.typical_p < 1.0f) {
+            llama_sample_typical(ctx, &arr, p.typical_p, 1);
+        }
+        if (p.top_p < 1.0f) {
+            llama_sample_top_p(ctx, &arr, p.top_p, 1);
+        }
+        if (p.min_p > 0.0f) {
+            llama_sample_min_p(ctx, &arr, p.min_p, 1);
+        }
+        float max_l = -INFINITY;
+        for (size_t i = 0; i < arr.size; ++i) {
+            max_l = std::max(max_l, arr.data[i].logit);
+        }
+        if (max_l == -INFINITY) {
+            return -1;
+        }
+        std::vector<double> w(arr.size);
+        for (size_t i = 0; i < arr.size; ++i) {
+            w[i] = std::exp(static_cast<double>(arr.data[i].logit - max_l) / p.temperature);
+        }
+        std::discrete_distribution<size_t> dist(w.begin(), w.end());
+        return arr.data[dist(rng)].id;
+    }
+
+    bool grammar_allows(llama_context * ctx, int32_t tok, float logit) const {
+        llama_token_data one{tok, logit, 0.0f};
+        llama_token_data_array arr{&one, 1, -1, false};
+        llama_grammar_sample(grammar, ctx, &arr);
+        return arr.data[0].logit != -INFINITY;
+    }
+};
+
+SeqSampler::SeqSampler(llama_model * model, const SamplingParams & p, const std::vector<int32_t> & history)
+    : impl_(std::make_unique<Impl>()) {
+    Impl & s = *impl_;
+    s.p = p;
+    s.vocab = llama_model_get_vocab(model);
+    s.n_vocab = llama_vocab_n_tokens(s.vocab);
+    if (!std::isfinite(p.repeat_penalty) || p.repeat_penalty <= 0.0f || !std::isfinite(1.0f / p.repeat_penalty)) {
+        throw std::invalid_argument("penalty_repeat must be finite and greater than 0");
+    }
+    if (!std::isfinite(p.frequency_penalty) || !std::isfinite(p.presence_penalty)) {
+        throw std::invalid_argument("penalty_freq and penalty_present must be finite");
+    }
+    for (const auto & [tok, b] : p.logit_bias) {
+        if (tok < 0 || tok >= s.n_vocab) {
+            throw std::invalid_argument("logit_bias token id " + std::to_string(tok) + " is outside the vocabulary");
+        }
+        s.bias.emplace_back(tok, b);
+    }
+    if (p.ignore_eos) {
+        for (int32_t t = 0; t < s.n_vocab; ++t) {
+            if (llama_vocab_is_eog(s.vocab, t)) {
+                s.bias.emplace_back(t, -INFINITY);
+            }
+        }
+    }
+    // Plain greedy decoding (no grammar, bias or penalties) is an argmax over the logits row.
+    if (p.temperature <= 0.0f && p.grammar.empty() && p.logit_bias.empty() && p.repeat_penalty == 1.0f &&
+        p.presence_penalty == 0.0f && p.frequency_penalty == 0.0f) {
+        s.plain_greedy = true;
+        s.banned.assign(static_cast<size_t>(s.n_vocab), 0);
+        for (const auto & [tok, b] : s.bias) {
+            s.banned[tok] = 1;
+        }
+        return;
+    }
+    const bool penalized = p.repeat_penalty != 1.0f || p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f;
+    s.window = penalized ? static_cast<size_t>(std::max(p.repeat_last_n, 0)) : 0;  // negative: off, as upstream
+    for (int32_t t : history) {
+        s.remember(t);
+    }
+    s.rng.seed(p.seed == LLAMA_DEFAULT_SEED ? std::random_device{}() : p.seed);
+    if (p.grammar.empty()) {
+        return;
+    }
+    if (p.grammar_type < 1 || p.grammar_type > 3) {
+        throw std::invalid_argument("grammar_type must be 1 (user), 2 (output format) or 3 (tool calls)");
+    }
+    if (p.grammar_lazy) {
+        std::vector<std::string> patterns;
+        std::vector<llama_token> tokens;
+        for (const auto & t : p.grammar_triggers) {
+            switch (t.type) {
+                case COMMON_GRAMMAR_TRIGGER_TYPE_TOKEN:
+                    tokens.push_back(t.token);
+                    break;
+                case COMMON_GRAMMAR_TRIGGER_TYPE_WORD:
+                    patterns.push_back(regex_escape(t.value));
+                    break;
+                case COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN:
+                    patterns.push_back(t.value);
+                    break;
+                case COMMON_GRAMMAR_TRIGGER_TYPE_PATTERN_FULL:
+                    patterns.push_back(t.value.empty() ? "^$"
+                                                       : (t.value.front() != '^' ? "^" : "") + t.value +
+                                                             (t.value.back() != '$' ? "$" : ""));
+                    break;
+                default:
+                    throw std::invalid_argument("unknown grammar trigger type " + std::to_string(t.type));
+            }
+        }
+        std::vector<const char *> patterns_c;
+        for (const auto & pat : patterns) {
+            patterns_c.push_back(pat.c_str());
+        }
+        s.grammar = llama_sampler_init_grammar_lazy_patterns(s.vocab, p.grammar.c_str(), "root", patterns_c.data(),
+                                                             patterns_c.size(), tokens.data(), tokens.size());
+    } else {
+        s.grammar = llama_sampler_init_grammar(s.vocab, p.grammar.c_str(), "root");
+    }
+    if (s.grammar == nullptr) {
+        throw std::invalid_argument("invalid sampling parameters or grammar (the GBNF did not parse)");
+    }
+}
+
+SeqSampler::~SeqSampler() = default;
+
+int32_t SeqSampler::sample_and_accept(llama_context * ctx, int32_t idx) {
+    Impl & s = *impl_;
+    const float * logits = llama_get_logits_ith(ctx, idx);
+    if (s.plain_greedy) {
+        int32_t best = -1;
+        float best_logit = -INFINITY;
+        for (int32_t t = 0; t < s.n_vocab; ++t) {  // first maximum, as llama.cpp's greedy sampler
+            if (!s.banned[t] && logits[t] > best_logit) {
+                best_logit = logits[t];
+                best = t;
+            }
+        }
+        if (best < 0) {
+            throw EngineError("the model produced no finite logit (NaN weights?)");
+        }
+        return best;
+    }
+    llama_token_data_array arr = s.candidates(ctx, logits);
+    int32_t tok = s.draw(ctx, arr);
+    if (s.grammar != nullptr && (tok < 0 || !s.grammar_allows(ctx, tok, logits[tok]))) {
+        arr = s.candidates(ctx, logits);  // draw() filtered and reordered the first copy
+        llama_grammar_sample(s.grammar, ctx, &arr);
+        tok = s.draw(ctx, arr);
+        if (tok < 0) {
+            // Nothing left that the grammar allows (it is complete, and end-of-generation is banned):
+            // end the sequence without feeding the grammar a token it would abort on.
+            return llama_vocab_eos(s.vocab);
+        }
+    }
+    if (tok < 0) {
+        throw EngineError("the model produced no finite logit (NaN weights?)");
+    }
+    if (s.grammar != nullptr) {
+        llama_grammar_accept_token(s.grammar, ctx, tok);
+    }
+    s.remember(tok);
+    return tok;
+}
+
+}  // namespace PYLOCALAI_ENGINE_NS
