@@ -565,6 +565,14 @@ def table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def report(doc: dict[str, Any]) -> str:
+    m, st = doc["machine"], doc["settings"]
+    head = (f"{m['cpu']}, {m['cpus']} CPUs; threads={st['threads']}, slots={st['parallel']}, ctx={st['ctx']} "
+            f"(per slot {st['ctx'] // st['parallel']}); {st['n_gen']} output tokens; median (min–max) over "
+            f"{st['repeats']} alternating repeats")
+    return "\n\n".join([head, *(table(r) for r in doc["results"])]) + "\n"
+
+
 def plot(doc: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -661,7 +669,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-logs", action="store_true", help="keep the servers' work folder and logs")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "server.json")
     ap.add_argument("--plot", type=Path, default=ROOT / "bench" / "results" / "server.png")
+    ap.add_argument("--report", type=Path, metavar="JSON", help="print the tables of an earlier result file and exit")
     args = ap.parse_args(argv)
+    if args.report:
+        doc = json.loads(args.report.read_text())
+        print(report(doc))
+        return 0
     if args.smoke:
         args.repeats, args.n_gen, args.time_limit = 1, 16, 120.0
     from pylocalai.models import resolve_model_path
@@ -673,10 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1, allow_nan=True))
     plot(doc, args.plot)
-    print(f"\n{doc['machine']['cpu']}, {doc['machine']['cpus']} CPUs; threads={args.threads}, slots={args.parallel}, "
-          f"ctx={args.ctx}; {args.n_gen} output tokens; median (min–max) over {args.repeats} alternating repeats\n")
-    for r in results:
-        print(table(r) + "\n")
+    print("\n" + report(doc))
     print(f"wrote {args.out} and {args.plot}")
     return 0
 
