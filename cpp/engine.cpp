@@ -16,6 +16,30 @@ Model::Model(const ModelParams & params) {
     model_ = compat::load_model(params);
     vocab_ = llama_model_get_vocab(model_);
     compat::fill_model_info(model_, info_);
+    // The rest reads the same in every fork.
+    for (int32_t t = 0; t < info_.n_vocab; ++t) {
+        if (llama_vocab_is_eog(vocab_, t)) {
+            info_.eog_tokens.push_back(t);
+        }
+    }
+    if (const char * tmpl = llama_model_chat_template(model_, nullptr)) {
+        info_.chat_template = tmpl;
+    }
+    info_.recurrent = llama_model_is_recurrent(model_);
+    info_.hybrid = llama_model_is_hybrid(model_);
+    info_.has_encoder = llama_model_has_encoder(model_);
+    const int32_t n_meta = llama_model_meta_count(model_);
+    std::vector<char> key(512);
+    std::vector<char> val(1 << 16);
+    for (int32_t i = 0; i < n_meta; ++i) {
+        if (llama_model_meta_key_by_index(model_, i, key.data(), key.size()) < 0) {
+            continue;
+        }
+        const int32_t n = llama_model_meta_val_str_by_index(model_, i, val.data(), val.size());
+        if (n >= 0 && static_cast<size_t>(n) < val.size()) {
+            info_.metadata[key.data()] = val.data();
+        }
+    }
 }
 
 Model::~Model() {

@@ -17,6 +17,7 @@ std::vector<std::string> cache_type_names();  // KV cache types new_context acce
 
 llama_model * load_model(const ModelParams & params);
 void free_model(llama_model * model);
+// The fields whose calls differ between forks (engine.cpp reads the rest: EOG tokens, template, metadata).
 void fill_model_info(llama_model * model, ModelInfo & info);
 
 llama_context * new_context(llama_model * model, const ContextParams & params);

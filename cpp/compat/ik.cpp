@@ -205,28 +205,6 @@ void fill_model_info(llama_model * model, ModelInfo & info) {
     info.eos = llama_vocab_eos(vocab);
     info.eot = llama_token_eot(model);
     info.add_bos = llama_vocab_get_add_bos(vocab);
-    for (int32_t t = 0; t < info.n_vocab; ++t) {
-        if (llama_vocab_is_eog(vocab, t)) {
-            info.eog_tokens.push_back(t);
-        }
-    }
-    if (const char * tmpl = llama_model_chat_template(model, nullptr)) {
-        info.chat_template = tmpl;
-    }
-    info.recurrent = llama_model_is_recurrent(model);
-    info.hybrid = llama_model_is_hybrid(model);
-    info.has_encoder = llama_model_has_encoder(model);
-    const int32_t n_meta = llama_model_meta_count(model);
-    std::vector<char> val(1 << 16);
-    for (int32_t i = 0; i < n_meta; ++i) {
-        if (llama_model_meta_key_by_index(model, i, buf, sizeof(buf)) < 0) {
-            continue;
-        }
-        const int32_t n = llama_model_meta_val_str_by_index(model, i, val.data(), val.size());
-        if (n >= 0 && static_cast<size_t>(n) < val.size()) {
-            info.metadata[buf] = val.data();
-        }
-    }
 }
 
 llama_context * new_context(llama_model * model, const ContextParams & p) {
