@@ -65,13 +65,24 @@ def smollm2_path() -> Path:
         raise
 
 
-@pytest.fixture(scope="session")
-def llama_simple(engine: Any) -> Path:
-    """llama.cpp's own llama-simple from the same tree (the greedy reference)."""
-    path = Path(engine.__file__).parent / "bin" / "llama_cpp" / "llama-simple"
+def _engine_tool(engine: Any, name: str) -> Path:
+    """One of llama.cpp's own programs, built from the same tree as the engine."""
+    path = Path(engine.__file__).parent / "bin" / "llama_cpp" / name
     if not path.is_file():
         _missing(f"{path} is missing; build with PYLOCALAI_BUILD_TOOLS=ON (the default)")
     return path
+
+
+@pytest.fixture(scope="session")
+def llama_simple(engine: Any) -> Path:
+    """llama.cpp's own llama-simple (the greedy reference)."""
+    return _engine_tool(engine, "llama-simple")
+
+
+@pytest.fixture(scope="session")
+def llama_server(engine: Any) -> Path:
+    """llama.cpp's own llama-server (the server benchmark's reference)."""
+    return _engine_tool(engine, "llama-server")
 
 
 @pytest.fixture(scope="session")

@@ -10,23 +10,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.ggufgen import ROOT
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(scope="module")
-def llama_server(engine: Any) -> Path:
-    path = Path(engine.__file__).parent / "bin" / "llama_cpp" / "llama-server"
-    if not path.is_file():
-        from tests.conftest import _missing
-
-        _missing(f"{path} is missing; build with PYLOCALAI_BUILD_TOOLS=ON (the default)")
-    return path
 
 
 def test_server_bench_smoke(llama_server: Path, smollm2_path: Path, tmp_path: Path) -> None:
