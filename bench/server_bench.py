@@ -36,9 +36,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import trio
@@ -55,10 +56,13 @@ PROMPTS = [
     "Write a long poem about the sea, the wind and the stars.",
     "Describe how a city library is organised and who works there.",
 ]
-WORDS = ("time person year way day thing man world life hand part child eye woman place work week case point "
-         "government company number group problem fact river mountain garden kitchen window engine market "
-         "letter story music paper water light stone forest winter summer harbour bridge castle village "
-         "teacher doctor farmer painter sailor soldier student writer").split()
+WORDS = (
+    "time", "person", "year", "way", "day", "thing", "man", "world", "life", "hand", "part", "child", "eye",
+    "woman", "place", "work", "week", "case", "point", "government", "company", "number", "group", "problem",
+    "fact", "river", "mountain", "garden", "kitchen", "window", "engine", "market", "letter", "story",
+    "music", "paper", "water", "light", "stone", "forest", "winter", "summer", "harbour", "bridge", "castle",
+    "village", "teacher", "doctor", "farmer", "painter", "sailor", "soldier", "student", "writer",
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,10 +121,9 @@ class Server:
     health_path = "/health"
 
     def start(self, timeout: float = 300.0) -> None:
-        log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
-                                     start_new_session=True)
-        log.close()
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+                                         start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -374,7 +377,7 @@ def make_scenarios(args: argparse.Namespace) -> list[Scenario]:
         # a system prompt no server has seen (new per repeat), then warm requests that share it
         system = f"Session {rep}. You are a helpful assistant. Background notes follow. " + words(args.prefix_words, 1000 + rep)
         jobs = [(system, f"Task {i}. {PROMPTS[i % len(PROMPTS)]}") for i in range(1 + args.prefix_warm)]
-        res, wall = await run_load(server.base, "chat", server.model_name, jobs, 1, 8, limit)
+        res, _ = await run_load(server.base, "chat", server.model_name, jobs, 1, 8, limit)
         cold, warm = res[0], [r for r in res[1:] if r.ok]
         return {"errors": sum(not r.ok for r in res), "error_samples": sorted({r.error for r in res if not r.ok})[:3],
                 "prompt_tokens": cold.prompt_tokens, "ttft_cold": cold.ttft if cold.ok else math.nan,
@@ -383,7 +386,7 @@ def make_scenarios(args: argparse.Namespace) -> list[Scenario]:
 
     async def prefill(server: Server, rep: int) -> dict[str, Any]:
         user = f"Request {rep}. Summarise these notes: " + words(args.prefill_words, 2000 + rep)
-        res, wall = await run_load(server.base, "chat", server.model_name, [(None, user)], 1, 1, limit)
+        res, _ = await run_load(server.base, "chat", server.model_name, [(None, user)], 1, 1, limit)
         r = res[0]
         return {"errors": int(not r.ok), "error_samples": [r.error] if not r.ok else [],
                 "prompt_tokens": r.prompt_tokens, "ttft": r.ttft,
@@ -460,13 +463,12 @@ def bench_model(model: Path, args: argparse.Namespace) -> dict[str, Any]:
             if "ttfts" in reps[0]:
                 per_server[name]["ttfts"] = [t for r in reps for t in r["ttfts"]]
         ratios: dict[str, Any] = {}
-        for other in per_server:
+        for other, theirs in per_server.items():
             if other == "pylocalai" or "pylocalai" not in per_server:
                 continue
-            ratios[other] = {k: per_server["pylocalai"][k]["median"] / per_server[other][k]["median"]
+            ratios[other] = {k: per_server["pylocalai"][k]["median"] / theirs[k]["median"]
                              for k in sc.headline
-                             if k in per_server[other] and per_server[other][k]["median"] not in (0, 0.0)
-                             and not math.isnan(per_server[other][k]["median"])}
+                             if k in theirs and theirs[k]["median"] not in (0, 0.0) and not math.isnan(theirs[k]["median"])}
         out["scenarios"][sc.name] = {"per_server": per_server, "ratios_pylocalai_over": ratios}
     # overhead of the other protocols vs chat completions, same server and client count
     over: dict[str, Any] = {}
@@ -549,7 +551,7 @@ def table(res: dict[str, Any]) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " | " + " | ".join(rat) + " |")
     errs = {s: sum(int(v["per_server"].get(s, {}).get("errors", {}).get("max", 0) or 0) for v in sc.values())
             for s in servers}
-    lines.append(f"| errors (worst repeat, all scenarios) | " + " | ".join(str(errs[s]) for s in servers)
+    lines.append("| errors (worst repeat, all scenarios) | " + " | ".join(str(errs[s]) for s in servers)
                  + " | " + " | ".join("" for _ in servers[1:]) + " |")
     if res.get("endpoint_overhead_vs_chat"):
         lines += ["", "pylocalai's other protocols vs chat completions (same load):", "",
