@@ -49,8 +49,16 @@ Model::~Model() {
 }
 
 std::vector<int32_t> Model::tokenize(const std::string & text, bool add_special, bool parse_special) const {
-    std::vector<int32_t> out;
-    compat::tokenize(vocab_, text, add_special, parse_special, out);
+    std::vector<int32_t> out(text.size() + 2);
+    int32_t n = compat::tokenize(vocab_, text, out.data(), static_cast<int32_t>(out.size()), add_special, parse_special);
+    if (n < 0) {  // more tokens than the guess: the call said how many
+        out.resize(static_cast<size_t>(-n));
+        n = compat::tokenize(vocab_, text, out.data(), static_cast<int32_t>(out.size()), add_special, parse_special);
+    }
+    if (n < 0) {
+        throw EngineError("tokenization failed");
+    }
+    out.resize(static_cast<size_t>(n));
     return out;
 }
 
@@ -58,7 +66,19 @@ std::string Model::token_to_piece(int32_t token, bool special) const {
     if (token < 0 || token >= info_.n_vocab) {
         throw std::invalid_argument("token id " + std::to_string(token) + " is outside the vocabulary");
     }
-    return compat::token_to_piece(vocab_, token, special);
+    return piece(token, special);
+}
+
+std::string Model::piece(int32_t token, bool special) const {
+    char small[64];
+    int32_t n = compat::token_to_piece(vocab_, token, small, sizeof(small), special);
+    if (n >= 0) {
+        return std::string(small, static_cast<size_t>(n));
+    }
+    std::string big(static_cast<size_t>(-n), '\0');
+    n = compat::token_to_piece(vocab_, token, big.data(), static_cast<int32_t>(big.size()), special);
+    big.resize(static_cast<size_t>(std::max(n, 0)));
+    return big;
 }
 
 std::string Model::detokenize(const std::vector<int32_t> & tokens, bool remove_special, bool unparse_special) const {
@@ -209,7 +229,7 @@ StepOutput Session::step(const std::vector<int32_t> & tokens, const std::vector<
         out.seq_ids.push_back(seq);
         out.tokens.push_back(tok);
         out.eog.push_back(eog ? 1 : 0);
-        out.pieces.push_back(eog ? std::string() : compat::token_to_piece(model_->vocab(), tok, special));
+        out.pieces.push_back(eog ? std::string() : model_->piece(tok, special));
         const int32_t n_probs = n_probs_[seq];
         float lp = 0.0f;
         std::vector<std::pair<int32_t, float>> top;

@@ -182,6 +182,7 @@ public:
 
     std::vector<int32_t> tokenize(const std::string & text, bool add_special, bool parse_special) const;
     std::string token_to_piece(int32_t token, bool special) const;
+    std::string piece(int32_t token, bool special) const;  // token_to_piece without the range check (hot path)
     std::string detokenize(const std::vector<int32_t> & tokens, bool remove_special, bool unparse_special) const;
     bool is_eog(int32_t token) const;
 

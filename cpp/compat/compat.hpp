@@ -25,9 +25,10 @@ llama_context * new_context(llama_model * model, const ContextParams & params);
 uint32_t n_ctx_seq(llama_context * ctx, const ContextParams & params);
 uint32_t n_seq_max(llama_context * ctx, const ContextParams & params);
 
-int32_t tokenize(const llama_vocab * vocab, const std::string & text, bool add_special, bool parse_special,
-                 std::vector<int32_t> & out);
-std::string token_to_piece(const llama_vocab * vocab, int32_t token, bool special);
+// One call each, llama.cpp's convention: the count written, or minus the size needed when `n` is too small.
+int32_t tokenize(const llama_vocab * vocab, const std::string & text, int32_t * out, int32_t n, bool add_special,
+                 bool parse_special);
+int32_t token_to_piece(const llama_vocab * vocab, int32_t token, char * buf, int32_t n, bool special);
 
 // Memory (KV cache or recurrent state) of one sequence.
 bool seq_rm(llama_context * ctx, int32_t seq, int32_t p0, int32_t p1);

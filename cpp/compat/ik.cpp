@@ -272,33 +272,13 @@ uint32_t n_ctx_seq(llama_context * ctx, const ContextParams & params) {
 // ik's llama_n_seq_max() reports the KV cache size, not the sequence count.
 uint32_t n_seq_max(llama_context * /*ctx*/, const ContextParams & params) { return std::max(1u, params.n_seq_max); }
 
-int32_t tokenize(const llama_vocab * vocab, const std::string & text, bool add_special, bool parse_special,
-                 std::vector<int32_t> & out) {
-    out.resize(text.size() + 2);
-    int32_t n = llama_vocab_tokenize(vocab, text.data(), static_cast<int32_t>(text.size()), out.data(),
-                                     static_cast<int32_t>(out.size()), add_special, parse_special);
-    if (n < 0) {
-        out.resize(static_cast<size_t>(-n));
-        n = llama_vocab_tokenize(vocab, text.data(), static_cast<int32_t>(text.size()), out.data(),
-                                 static_cast<int32_t>(out.size()), add_special, parse_special);
-    }
-    if (n < 0) {
-        throw EngineError("tokenization failed");
-    }
-    out.resize(static_cast<size_t>(n));
-    return n;
+int32_t tokenize(const llama_vocab * vocab, const std::string & text, int32_t * out, int32_t n, bool add_special,
+                 bool parse_special) {
+    return llama_vocab_tokenize(vocab, text.data(), static_cast<int32_t>(text.size()), out, n, add_special, parse_special);
 }
 
-std::string token_to_piece(const llama_vocab * vocab, int32_t token, bool special) {
-    char small[64];
-    int32_t n = llama_token_to_piece_vocab(vocab, token, small, sizeof(small), 0, special);
-    if (n >= 0) {
-        return std::string(small, static_cast<size_t>(n));
-    }
-    std::string big(static_cast<size_t>(-n), '\0');
-    n = llama_token_to_piece_vocab(vocab, token, big.data(), static_cast<int32_t>(big.size()), 0, special);
-    big.resize(static_cast<size_t>(std::max(n, 0)));
-    return big;
+int32_t token_to_piece(const llama_vocab * vocab, int32_t token, char * buf, int32_t n, bool special) {
+    return llama_token_to_piece_vocab(vocab, token, buf, n, 0, special);
 }
 
 bool seq_rm(llama_context * ctx, int32_t seq, int32_t p0, int32_t p1) { return llama_kv_cache_seq_rm(ctx, seq, p0, p1); }
