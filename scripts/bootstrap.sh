@@ -33,7 +33,9 @@ if [ "$want_test" = 1 ]; then
 fi
 
 echo "[bootstrap] engine sources"
-"$PY" scripts/fetch_engines.py llama_cpp
+# the engines to build (default: both); PYLOCALAI_ENGINES="llama_cpp" builds only llama.cpp
+engines="${PYLOCALAI_ENGINES:-llama_cpp;ik_llama_cpp}"
+"$PY" scripts/fetch_engines.py ${engines//;/ }
 
 echo "[bootstrap] native build (incremental; first build takes a while on few cores)"
 # editable: pylocalai's Python files are used in place, the compiled engines come from build/
