@@ -69,7 +69,7 @@ ModelParams model_params_from(const std::string & path, const py::dict & d) {
 ContextParams context_params_from(const py::dict & d) {
     reject_unknown(d, {"n_ctx", "n_batch", "n_ubatch", "n_seq_max", "n_threads", "n_threads_batch", "flash_attn",
                        "type_k", "type_v", "kv_unified", "swa_full", "embeddings", "offload_kqv", "op_offload",
-                       "rope_freq_base", "rope_freq_scale", "mla_attn", "attn_max_batch", "fused_moe_up_gate",
+                       "rope_freq_base", "rope_freq_scale", "trace_ops", "mla_attn", "attn_max_batch", "fused_moe_up_gate",
                        "fused_up_gate", "fused_mmad", "grouped_expert_routing", "rope_cache", "graph_reuse",
                        "min_experts", "thresh_experts", "only_active_experts", "k_cache_hadamard",
                        "v_cache_hadamard"}, "context");
@@ -90,6 +90,7 @@ ContextParams context_params_from(const py::dict & d) {
     p.op_offload = get_or(d, "op_offload", p.op_offload);
     p.rope_freq_base = get_or(d, "rope_freq_base", p.rope_freq_base);
     p.rope_freq_scale = get_or(d, "rope_freq_scale", p.rope_freq_scale);
+    p.trace_ops = get_or(d, "trace_ops", p.trace_ops);
     p.mla_attn = get_opt<int32_t>(d, "mla_attn");
     p.attn_max_batch = get_opt<int32_t>(d, "attn_max_batch");
     p.fused_moe_up_gate = get_opt<bool>(d, "fused_moe_up_gate");
@@ -318,6 +319,9 @@ void register_session(py::module_ & m) {
         .def("seq_add", &Session::seq_add)
         .def("seq_pos_max", &Session::seq_pos_max)
         .def("clear", &Session::clear)
+        .def("op_counts", &Session::op_counts)
+        .def("weights_used", &Session::weights_used)
+        .def("reset_op_counts", &Session::reset_op_counts)
         .def("can_shift", &Session::can_shift)
         .def("embed",
              [](Session & s, const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & tokens,

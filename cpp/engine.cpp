@@ -6,14 +6,46 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <numeric>
 
 namespace PYLOCALAI_ENGINE_NS {
 
+namespace {
+thread_local std::vector<std::string> t_log_errors;  // this thread's error lines since its last load began
+}
+
+void compat::engine_log(ggml_log_level level, const char * text, void * /*user*/) {
+    // The forks log every tensor at load; keep warnings and errors only.
+    if (level == GGML_LOG_LEVEL_ERROR || level == GGML_LOG_LEVEL_WARN) {
+        fputs(text, stderr);
+    }
+    if (level == GGML_LOG_LEVEL_ERROR && t_log_errors.size() < 64) {
+        t_log_errors.emplace_back(text);
+    }
+}
+
 // ---------------------------------------------------------------- Model
 
 Model::Model(const ModelParams & params) {
+    t_log_errors.clear();
     model_ = compat::load_model(params);
+    if (model_ == nullptr) {
+        // llama.cpp and ik both log "llama_model_load: error loading model: <why>" before failing
+        std::string why = "not a GGUF this engine can read?";
+        const std::string marker = "error loading model: ";
+        for (const auto & line : t_log_errors) {
+            const auto at = line.find(marker);
+            if (at != std::string::npos) {
+                why = line.substr(at + marker.size());
+                while (!why.empty() && (why.back() == '\n' || why.back() == ' ')) {
+                    why.pop_back();
+                }
+                break;
+            }
+        }
+        throw EngineError("failed to load model from '" + params.path + "': " + why);
+    }
     vocab_ = llama_model_get_vocab(model_);
     compat::fill_model_info(model_, info_);
     // The rest reads the same in every fork.
@@ -114,7 +146,7 @@ std::vector<std::string> cache_type_names() { return compat::cache_type_names();
 // ---------------------------------------------------------------- Session
 
 Session::Session(std::shared_ptr<Model> model, const ContextParams & params) : model_(std::move(model)) {
-    ctx_ = compat::new_context(model_->raw(), params);
+    ctx_ = compat::new_context(model_->raw(), params, params.trace_ops ? &Session::trace_op : nullptr, this);
     n_ctx_seq_ = compat::n_ctx_seq(ctx_, params);
     n_seq_max_ = compat::n_seq_max(ctx_, params);
 }
@@ -127,6 +159,45 @@ Session::~Session() {
 }
 
 uint32_t Session::n_ctx() const { return llama_n_ctx(ctx_); }
+
+bool Session::trace_op(struct ggml_tensor * t, bool ask, void * self) {
+    if (!ask) {
+        return true;
+    }
+    std::string key = ggml_op_desc(t);
+    if ((t->op == GGML_OP_MUL_MAT || t->op == GGML_OP_MUL_MAT_ID) && t->src[0] != nullptr) {
+        key += ':';
+        key += ggml_type_name(t->src[0]->type);
+    }
+    auto * session = static_cast<Session *>(self);
+    std::lock_guard<std::mutex> lock(session->trace_mu_);
+    ++session->op_counts_[key];
+    for (const ggml_tensor * src : t->src) {
+        if (src != nullptr && src->op == GGML_OP_NONE) {
+            const std::string name = src->name;
+            if (name.size() > 7 && name.compare(name.size() - 7, 7, ".weight") == 0) {
+                session->weights_used_.insert(name);
+            }
+        }
+    }
+    return false;  // not asking for the data: the graph still runs in one piece
+}
+
+std::map<std::string, int64_t> Session::op_counts() const {
+    std::lock_guard<std::mutex> lock(trace_mu_);
+    return op_counts_;
+}
+
+std::set<std::string> Session::weights_used() const {
+    std::lock_guard<std::mutex> lock(trace_mu_);
+    return weights_used_;
+}
+
+void Session::reset_op_counts() {
+    std::lock_guard<std::mutex> lock(trace_mu_);
+    op_counts_.clear();
+    weights_used_.clear();
+}
 uint32_t Session::n_ctx_seq() const { return n_ctx_seq_; }
 uint32_t Session::n_batch() const { return llama_n_batch(ctx_); }
 uint32_t Session::n_seq_max() const { return n_seq_max_; }

@@ -6,7 +6,9 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -15,6 +17,7 @@
 struct llama_model;
 struct llama_context;
 struct llama_vocab;
+struct ggml_tensor;
 
 namespace PYLOCALAI_ENGINE_NS {
 
@@ -61,6 +64,9 @@ struct ContextParams {
     bool op_offload = true;
     float rope_freq_base = 0.0f;
     float rope_freq_scale = 0.0f;
+    // Record which ops each computed graph holds (Session::op_counts): how a knob that only changes
+    // the graph (fused ops, merged or repacked weights, split attention) is seen to take effect.
+    bool trace_ops = false;
 
     // ik_llama.cpp only. Unset: the fork's default; the llama.cpp engine rejects any that is set.
     std::optional<int32_t> mla_attn;           // 0 standard attention, 1..3 MLA variants (DeepSeek-style)
@@ -243,7 +249,19 @@ public:
     // Pooled embedding of one token sequence (context made with embeddings=true).
     std::vector<float> embed(const std::vector<int32_t> & tokens, bool normalize);
 
+    // With ContextParams::trace_ops: how often each op ran since the last reset, keyed by op name;
+    // matrix products also name the weight type ("MUL_MAT:q4_0_r8").
+    std::map<std::string, int64_t> op_counts() const;
+    // ...and the names of the weight tensors ("*.weight") those ops read.
+    std::set<std::string> weights_used() const;
+    void reset_op_counts();
+
 private:
+    static bool trace_op(struct ggml_tensor * t, bool ask, void * self);
+
+    mutable std::mutex trace_mu_;
+    std::map<std::string, int64_t> op_counts_;
+    std::set<std::string> weights_used_;
     std::shared_ptr<Model> model_;
     llama_context * ctx_ = nullptr;
     std::map<int32_t, std::unique_ptr<SeqSampler>> samplers_;

@@ -4,23 +4,31 @@
 #pragma once
 
 #include "engine_api.hpp"
+#include "ggml.h"
 
 struct llama_batch;
 
 namespace PYLOCALAI_ENGINE_NS {
 namespace compat {
 
+// The log callback each fork gets (engine.cpp): warnings and errors to stderr, and error lines kept
+// per thread so that a failed load can say why.
+void engine_log(ggml_log_level level, const char * text, void * user_data);
+
 // Once per process; throws EngineError when this CPU cannot run the build (ik_llama.cpp needs AVX2).
 void backend_init();
 std::vector<std::string> backend_names();
 std::vector<std::string> cache_type_names();  // KV cache types new_context accepts
 
+// nullptr when the fork refuses the file; engine.cpp then reports the fork's own error line.
 llama_model * load_model(const ModelParams & params);
 void free_model(llama_model * model);
 // The fields whose calls differ between forks (engine.cpp reads the rest: EOG tokens, template, metadata).
 void fill_model_info(llama_model * model, ModelInfo & info);
 
-llama_context * new_context(llama_model * model, const ContextParams & params);
+// trace (may be null) sees every graph node before it is computed (llama.cpp's cb_eval).
+using TraceFn = bool (*)(struct ggml_tensor * t, bool ask, void * user_data);
+llama_context * new_context(llama_model * model, const ContextParams & params, TraceFn trace, void * trace_data);
 // Positions one sequence may use: the whole context when sequences share the cache (kv_unified).
 uint32_t n_ctx_seq(llama_context * ctx, const ContextParams & params);
 uint32_t n_seq_max(llama_context * ctx, const ContextParams & params);

@@ -19,12 +19,6 @@ namespace {
 
 std::once_flag g_backend_once;
 
-void quiet_log(ggml_log_level level, const char * text, void * /*user*/) {
-    // llama.cpp logs every tensor at load; keep warnings and errors only.
-    if (level == GGML_LOG_LEVEL_ERROR || level == GGML_LOG_LEVEL_WARN) {
-        fputs(text, stderr);
-    }
-}
 
 ggml_type cache_type_from_name(const std::string & name) {
     for (int i = 0; i < GGML_TYPE_COUNT; ++i) {
@@ -110,7 +104,7 @@ void reject_ik_only(const ContextParams & p) {
 
 void backend_init() {
     std::call_once(g_backend_once, [] {
-        llama_log_set(quiet_log, nullptr);
+        llama_log_set(engine_log, nullptr);
         llama_backend_init();
         ggml_backend_load_all();
     });
@@ -147,11 +141,7 @@ llama_model * load_model(const ModelParams & p) {
         std::copy(p.tensor_split.begin(), p.tensor_split.end(), split.begin());
         mp.tensor_split = split.data();
     }
-    llama_model * model = llama_model_load_from_file(p.path.c_str(), mp);
-    if (model == nullptr) {
-        throw EngineError("failed to load model from '" + p.path + "' (not a GGUF this engine can read?)");
-    }
-    return model;
+    return llama_model_load_from_file(p.path.c_str(), mp);
 }
 
 void free_model(llama_model * model) {
@@ -184,7 +174,7 @@ void fill_model_info(llama_model * model, ModelInfo & info) {
     info.add_bos = llama_vocab_get_add_bos(vocab);
 }
 
-llama_context * new_context(llama_model * model, const ContextParams & p) {
+llama_context * new_context(llama_model * model, const ContextParams & p, TraceFn trace, void * trace_data) {
     reject_ik_only(p);
     llama_context_params cp = llama_context_default_params();
     const int32_t hw = std::max(1, static_cast<int32_t>(std::thread::hardware_concurrency()));
@@ -206,6 +196,8 @@ llama_context * new_context(llama_model * model, const ContextParams & p) {
     cp.rope_freq_base = p.rope_freq_base;
     cp.rope_freq_scale = p.rope_freq_scale;
     cp.no_perf = true;
+    cp.cb_eval = trace;
+    cp.cb_eval_user_data = trace_data;
     llama_context * ctx = llama_init_from_model(model, cp);
     if (ctx == nullptr) {
         throw EngineError("failed to create the llama context (out of memory, or unsupported settings "
