@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 import trio
 
-from pylocalai.engine.backend import load_engine, map_engine_errors
+from pylocalai.engine import ik_options
+from pylocalai.engine.backend import engine_key, load_engine, map_engine_errors
 from pylocalai.engine.chat import ChatPlan, parse_answer, plan_chat
 from pylocalai.engine.scheduler import Scheduler
 from pylocalai.engine.types import (
@@ -105,7 +106,13 @@ class Llama:
     n_ubatch, n_threads / n_threads_batch (default: all cores), n_parallel (slots decoded together),
     flash_attn ("auto" | "on" | "off"), cache_type_k / cache_type_v ("f16", "q8_0", ...),
     kv_unified, swa_full, n_gpu_layers (-1 = all), main_gpu, tensor_split, use_mmap, use_mlock,
-    check_tensors, rope_freq_base, rope_freq_scale, rpc_servers, backend ("llama-cpp").
+    check_tensors, rope_freq_base, rope_freq_scale, rpc_servers, backend ("llama-cpp" or
+    "ik-llama-cpp").
+
+    With backend="ik-llama-cpp", ik_llama.cpp's own knobs are keyword arguments too (see
+    pylocalai.engine.ik_options.KNOBS): repack_tensors, fused_up_gate, attn_max_batch, mla, ...
+    Unset knobs keep ik's defaults; a knob that cannot work here is a clear error. trace_ops=True
+    records the ops of every computed graph (op_counts()), which shows such knobs taking effect.
 
     n_ctx is the whole KV cache. With kv_unified=False (the default) each of the n_parallel
     sequences owns n_ctx / n_parallel of it, and a sequence's results do not depend on what else is
@@ -147,6 +154,8 @@ class Llama:
         op_offload: bool = True,
         context_shift: bool = False,
         warmup: bool = False,
+        trace_ops: bool = False,
+        **engine_options: Any,
     ) -> None:
         path = os.fspath(model_path)
         if not os.path.isfile(path):
@@ -157,6 +166,8 @@ class Llama:
             raise InvalidRequestError("n_parallel must be at least 1", param="n_parallel")
         _check_rpc_servers(rpc_servers or [])
         self._engine = load_engine(backend)
+        ik_model, ik_context = ik_options.split(engine_key(backend), engine_options,
+                                                has_gpu=bool(set(self._engine.backends()) - {"CPU", "RPC"}))
         self.model_path = path
         self._chat_template = chat_template or ""
         model_params = {
@@ -167,7 +178,10 @@ class Llama:
             "use_mlock": use_mlock,
             "check_tensors": check_tensors,
             "rpc_servers": list(rpc_servers or []),
+            **ik_model,
         }
+        ik_options.check_load(ik_model, model_params, os.path.getsize(path))
+        self._model_params = model_params
         self._ctx_params = {
             "n_ctx": n_ctx,
             "n_batch": n_batch,
@@ -183,10 +197,14 @@ class Llama:
             "rope_freq_base": rope_freq_base,
             "rope_freq_scale": rope_freq_scale,
             "op_offload": op_offload,
+            "trace_ops": trace_ops,
+            **ik_context,
         }
         with map_engine_errors("model_path"):
             self._model = self._engine.Model(path, model_params)
         self.info: dict[str, Any] = dict(self._model.info)
+        ik_options.check_model(engine_options, self.info)
+        _check_cache_types(self.info, cache_type_k, cache_type_v)
         with map_engine_errors():
             self._session = self._engine.Session(self._model, self._ctx_params)
         self._scheduler = Scheduler(
@@ -212,12 +230,29 @@ class Llama:
     # ------------------------------------------------------------ lifecycle
 
     @property
+    def engine_name(self) -> str:
+        """The engine module this model runs on: "llama_cpp" or "ik_llama_cpp"."""
+        return str(self._engine.__name__.rsplit(".", 1)[-1])
+
+    @property
     def n_ctx(self) -> int:
         return int(self._session.n_ctx)
 
     @property
     def n_ctx_seq(self) -> int:
         return int(self._session.n_ctx_seq)
+
+    def op_counts(self) -> dict[str, int]:
+        """With trace_ops=True: how often each graph op ran since the last reset, matrix products
+        keyed with their weight type ("MUL_MAT:q8_0"). Empty without tracing."""
+        return dict(self._session.op_counts())
+
+    def weights_used(self) -> set[str]:
+        """With trace_ops=True: the names of the weight tensors the traced ops read."""
+        return set(self._session.weights_used())
+
+    def reset_op_counts(self) -> None:
+        self._session.reset_op_counts()
 
     @property
     def scheduler(self) -> Scheduler:
@@ -429,6 +464,28 @@ class Llama:
 
     async def aembed(self, texts: str | Sequence[str], *, normalize: bool = True) -> np.ndarray:
         return await trio.to_thread.run_sync(lambda: self.embed(texts, normalize=normalize))
+
+
+def _check_cache_types(info: dict[str, Any], type_k: str, type_v: str) -> None:
+    """A quantized KV cache stores each head's row in 32-value blocks: heads of another size would
+    trip an assertion inside the engine (a process abort), so refuse them here."""
+    meta = info.get("metadata") or {}
+    arch = info.get("architecture", "")
+
+    def num(key: str) -> int:
+        try:
+            return int(meta.get(f"{arch}.{key}", 0))
+        except ValueError:
+            return 0
+
+    n_head = num("attention.head_count")
+    fallback = num("embedding_length") // n_head if n_head else 0
+    for param, name, key in (("cache_type_k", type_k, "attention.key_length"),
+                             ("cache_type_v", type_v, "attention.value_length")):
+        head = num(key) or fallback
+        if name not in ("f32", "f16", "bf16") and head and head % 32:
+            raise InvalidRequestError(f"{param} {name} stores 32-value blocks, but this model's attention heads "
+                                      f"have {head} values; use f16", param=param)
 
 
 def _check_rpc_servers(servers: Sequence[str], timeout_s: float = 5.0) -> None:

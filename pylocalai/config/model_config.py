@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from pylocalai.engine import ik_options
+from pylocalai.engine.backend import engine_key
 from pylocalai.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,8 @@ class EngineOptions:
     n_cache_reuse: int = 0
     fit_params: bool = False
     n_ctx_checkpoints: int = 0
+    # ik_llama.cpp's own knobs (pylocalai.engine.ik_options), as (Llama keyword, value) pairs
+    engine: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +136,7 @@ def parse_options(items: list[Any], where: str, env: dict[str, str] | None = Non
     """`options:` entries are "key:value" (split on the first colon only) or a bare "key" (= true)."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
+    engine: dict[str, Any] = {}
     for raw in items:
         if not isinstance(raw, str):
             raise ConfigError(f"{where}: options entries must be strings, got {raw!r}", param="options")
@@ -155,12 +160,18 @@ def parse_options(items: list[Any], where: str, env: dict[str, str] | None = Non
                 raise ConfigError(f"{at}: {why}", param="options")
             values[key] = 0
         else:
-            raise ConfigError(f"{where}: unknown option {key!r} in {raw!r}", param="options")
+            try:
+                knobs = ik_options.parse_option(key, value)
+            except InvalidRequestError as exc:
+                raise ConfigError(f"{at}: {exc}", param="options") from None
+            if knobs is None:
+                raise ConfigError(f"{where}: unknown option {key!r} in {raw!r}", param="options")
+            engine.update(knobs)
     if "parallel" not in values and env.get("LLAMACPP_PARALLEL"):
         values["parallel"] = _int(env["LLAMACPP_PARALLEL"], "LLAMACPP_PARALLEL", lo=1)
     if "rpc_servers" not in values and env.get("LLAMACPP_GRPC_SERVERS"):
         values["rpc_servers"] = tuple(s.strip() for s in env["LLAMACPP_GRPC_SERVERS"].split(",") if s.strip())
-    return EngineOptions(**values)
+    return EngineOptions(**values, engine=tuple(sorted(engine.items())))
 
 
 def _int(value: Any, where: str, lo: int | None = None) -> int:
@@ -241,6 +252,11 @@ def parse_config(doc: Any, models_dir: Path, source: str, env: dict[str, str] | 
     flash = {"enabled": "on", "true": "on", "disabled": "off", "false": "off"}.get(flash, flash)
     if flash not in ("auto", "on", "off"):
         raise ConfigError(f"{where}: field 'flash_attention' must be auto, on or off", param="flash_attention")
+    options = parse_options(opts, where, env)
+    if options.engine and engine_key(backend) != ik_options.IK_ENGINE:
+        first = options.engine[0][0]
+        raise ConfigError(f"{where}: option {first!r} is an ik_llama.cpp option; set backend: ik-llama-cpp "
+                          f"to use it (backend is {backend!r})", param="options")
     return ModelConfig(
         name=name.strip(),
         model_path=safe_model_file(models_dir, model_file, where),
@@ -260,7 +276,7 @@ def parse_config(doc: Any, models_dir: Path, source: str, env: dict[str, str] | 
         batch=_opt_int(params, "batch", where) or _opt_int(doc, "batch", where) or 512,
         roles={str(k): str(v) for k, v in roles.items()},
         template=template,
-        options=parse_options(opts, where, env),
+        options=options,
         parameters={k: v for k, v in params.items() if k in _PARAM_KEYS},
         description=str(doc.get("description") or ""),
     )

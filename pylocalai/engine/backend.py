@@ -37,11 +37,13 @@ def load_engine(backend: str | None = None) -> ModuleType:
     key = engine_key(backend)
     try:
         return importlib.import_module(f"pylocalai._engines.{key}")
-    except ImportError as exc:
+    except ModuleNotFoundError as exc:
         raise EngineUnavailableError(
             f"the {key} engine is not built into this install ({exc}); "
             f"rebuild with PYLOCALAI_ENGINES including {key}"
         ) from exc
+    except ImportError as exc:  # built, but refuses this machine (e.g. ik_llama.cpp without AVX2)
+        raise EngineUnavailableError(f"the {key} engine cannot run here: {exc}") from exc
 
 
 def available_engines() -> list[str]:

@@ -84,7 +84,7 @@ class ModelRegistry:
         out = {}
         for name, e in self._loaded.items():
             sched = e.llm.scheduler
-            out[name] = {"n_slots": sched.n_slots, "active_slots": sched.active_slots, "queued": sched.queued,
+            out[name] = {"engine": engine_key(e.config.backend), "n_slots": sched.n_slots, "active_slots": sched.active_slots, "queued": sched.queued,
                          "n_ctx_seq": sched.n_ctx_seq, "in_use": e.in_use, "steps": sched.stats.steps,
                          "max_seqs_per_step": sched.stats.max_seqs_per_step}
         return out
@@ -150,7 +150,7 @@ class ModelRegistry:
             kv_unified=unified, swa_full=o.swa_full, n_gpu_layers=d.gpu_layers if cfg.gpu_layers is None else cfg.gpu_layers,
             use_mmap=cfg.mmap, use_mlock=cfg.mlock, check_tensors=o.check_tensors, op_offload=not o.no_op_offload,
             rpc_servers=list(o.rpc_servers), slot_prompt_similarity=o.slot_prompt_similarity,
-            context_shift=o.context_shift, warmup=o.warmup,
+            context_shift=o.context_shift, warmup=o.warmup, **dict(o.engine),
         )
         log.info("loaded model %s in %.2f s", cfg.name, time.monotonic() - t0)
         return llm

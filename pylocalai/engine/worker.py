@@ -51,6 +51,24 @@ class _Stop:
     pass
 
 
+@dataclass(frozen=True, slots=True)
+class _TrioSink:
+    """Hands events to a Trio run. The engine thread batches every such sink of one step into a
+    single run_sync_soon per Trio run, so n streams cost one wake-up per step, not n."""
+
+    token: trio.lowlevel.TrioToken
+    deliver: Callable[[list[GenerationEvent]], None]
+
+    def __call__(self, events: list[GenerationEvent]) -> None:
+        with suppress(trio.RunFinishedError):
+            self.token.run_sync_soon(self.deliver, events)
+
+
+def _deliver_all(batch: list[tuple[Callable[[list[GenerationEvent]], None], list[GenerationEvent]]]) -> None:
+    for deliver, events in batch:  # on the Trio thread; each deliver swallows its own closed channel
+        deliver(events)
+
+
 class EngineWorker:
     def __init__(self, scheduler: Scheduler, *, name: str = "engine") -> None:
         self._sched = scheduler
@@ -125,11 +143,7 @@ class EngineWorker:
                     if isinstance(ev, Finished):
                         send.close()
 
-        def sink(events: list[GenerationEvent]) -> None:  # on the engine thread
-            with suppress(trio.RunFinishedError):
-                token.run_sync_soon(deliver, events)
-
-        self.submit(req, sink)
+        self.submit(req, _TrioSink(token, deliver))
         try:
             yield recv
         finally:
@@ -182,13 +196,21 @@ class EngineWorker:
                 msg.done(result, None)
 
     def _emit(self, results: list[tuple[str, list[GenerationEvent]]]) -> None:
+        trio_batches: dict[trio.lowlevel.TrioToken, list[tuple[Callable[[list[GenerationEvent]], None],
+                                                              list[GenerationEvent]]]] = {}
         for request_id, events in results:
             sink = self._sinks.get(request_id)
             if sink is None:
                 continue
             if any(isinstance(ev, Finished) for ev in events):
                 del self._sinks[request_id]
+            if isinstance(sink, _TrioSink):
+                trio_batches.setdefault(sink.token, []).append((sink.deliver, events))
+                continue
             try:
                 sink(events)
             except Exception:  # a sink must not take the engine down
                 log.exception("event sink for %s failed", request_id)
+        for token, batch in trio_batches.items():
+            with suppress(trio.RunFinishedError):
+                token.run_sync_soon(_deliver_all, batch)
