@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-ENGINE_DIR = ROOT / "third_party" / "llama.cpp"
+ENGINE_DIRS = {"llama_cpp": ROOT / "third_party" / "llama.cpp", "ik_llama_cpp": ROOT / "third_party" / "ik_llama.cpp"}
 
 
 def _require(reason: str) -> None:
@@ -47,11 +47,13 @@ def _toolkit_supplements(nvcc: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_cuda_configure_succeeds_and_forwards_the_flag(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", list(ENGINE_DIRS))
+def test_cuda_configure_succeeds_and_forwards_the_flag(tmp_path: Path, engine: str) -> None:
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         _require("nvcc is not installed")
-    if not (ENGINE_DIR / "CMakeLists.txt").is_file():
+    engine_dir = ENGINE_DIRS[engine]
+    if not (engine_dir / "CMakeLists.txt").is_file():
         _require("the engine sources are not fetched")
     import pybind11
 
@@ -64,13 +66,32 @@ def test_cuda_configure_succeeds_and_forwards_the_flag(tmp_path: Path) -> None:
     # ... and the engine sub-build it forwards the flag to (no GPU to detect: architecture given)
     sub = subprocess.run(
         ["cmake", "-S", str(ROOT / "cpp"), "-B", str(tmp_path / "engine"), "-G", "Ninja", "-DGGML_CUDA=on",
-         "-DCMAKE_CUDA_ARCHITECTURES=90", "-DPYLOCALAI_ENGINE=llama_cpp", f"-DPYLOCALAI_ENGINE_DIR={ENGINE_DIR}",
+         "-DCMAKE_CUDA_ARCHITECTURES=90", f"-DPYLOCALAI_ENGINE={engine}", f"-DPYLOCALAI_ENGINE_DIR={engine_dir}",
          "-DPYLOCALAI_BUILD_TOOLS=OFF", *py, *_toolkit_supplements(nvcc)],
         capture_output=True, text=True, timeout=600,
     )
     assert sub.returncode == 0, sub.stdout[-3000:] + sub.stderr[-3000:]
-    assert "Including CUDA backend" in sub.stdout
+    assert ("Including CUDA backend" if engine == "llama_cpp" else "CUDA found") in sub.stdout
     cache = (tmp_path / "engine" / "CMakeCache.txt").read_text()
     assert "GGML_CUDA:BOOL=on" in cache.replace("GGML_CUDA:BOOL=ON", "GGML_CUDA:BOOL=on")
     ninja = (tmp_path / "engine" / "build.ninja").read_text()
     assert "ggml-cuda/mmq.cu" in ninja  # the CUDA kernels are part of the engine build
+
+
+def test_rocm_flag_is_translated_for_ik_llama_cpp(tmp_path: Path) -> None:
+    """ik_llama.cpp still spells ROCm GGML_HIPBLAS: the top level hands each engine its own spelling."""
+    if not all((d / "CMakeLists.txt").is_file() for d in ENGINE_DIRS.values()):
+        _require("the engine sources are not fetched")
+    import pybind11
+
+    py = [f"-DPython_EXECUTABLE={sys.executable}", f"-Dpybind11_DIR={pybind11.get_cmake_dir()}"]
+    top = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(tmp_path / "top"), "-G", "Ninja", "-DGGML_HIP=on",
+                          "-DPYLOCALAI_ENGINES=llama_cpp;ik_llama_cpp", *py],
+                         capture_output=True, text=True, timeout=600)
+    assert top.returncode == 0, top.stdout[-3000:] + top.stderr[-3000:]
+    args = {}
+    for engine in ENGINE_DIRS:
+        cfg = next((tmp_path / "top").rglob(f"engine_{engine}-cfgcmd.txt"))
+        args[engine] = cfg.read_text()
+    assert "-DGGML_HIP=on" in args["llama_cpp"] and "HIPBLAS" not in args["llama_cpp"]
+    assert "-DGGML_HIPBLAS=on" in args["ik_llama_cpp"] and "-DGGML_HIP=on" not in args["ik_llama_cpp"]
