@@ -1,14 +1,19 @@
 #!/usr/bin/env python3
-"""pylocalai's engine side by side with llama.cpp's own llama-bench, built from the same tree.
+"""pylocalai's engines side by side with each fork's own llama-bench, built from the same tree.
 
-Measures, for each model, with the same threads:
+Measures, for each model and each engine (llama.cpp, ik_llama.cpp; --engine picks), with the same
+threads:
 - prefill tok/s of a 512-token prompt (llama-bench pp512 vs pylocalai: submit -> first token),
 - single-stream decode tok/s over 128 tokens (llama-bench tg128 vs pylocalai: first -> last token),
 - aggregate decode tok/s of pylocalai with 1, 4 and 8 concurrent sequences (continuous batching).
-Runs alternate llama-bench / pylocalai; each figure is the median over repeats with min-max, and
-the ratios pylocalai / llama-bench are reported. Results go to a JSON file and a table on stdout.
+Runs alternate llama-bench / pylocalai and engine / engine; each figure is the median over repeats
+with min-max, and the ratios pylocalai / the fork's llama-bench are reported, plus pylocalai's
+ik_llama.cpp engine / its llama.cpp engine. Settings are the same on both sides of each ratio:
+ik_llama.cpp runs without flash attention (pylocalai's default there, since ik's flash attention
+aborts once two sequences share the cache), so its llama-bench is given -fa 0 too.
+Results go to a JSON file and a table on stdout.
 
-  python bench/engine_bench.py --model default --model path/to/gemma.gguf --threads 2 --repeats 3
+  python bench/engine_bench.py --model default --model gemma3-270m --threads 2 --repeats 3
 """
 
 from __future__ import annotations
@@ -30,19 +35,26 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def tool_path(name: str) -> Path:
-    import pylocalai._engines.llama_cpp as eng
+ENGINES = {"llama_cpp": "llama-cpp", "ik_llama_cpp": "ik-llama-cpp"}  # module -> backend name
+# the context settings pylocalai uses per engine, given to that fork's llama-bench as well
+FLASH_ATTN = {"llama_cpp": "auto", "ik_llama_cpp": "off"}
+BENCH_ARGS = {"llama_cpp": [], "ik_llama_cpp": ["-fa", "0"]}
 
-    path = Path(eng.__file__).parent / "bin" / "llama_cpp" / name
+
+def tool_path(engine: str, name: str) -> Path:
+    import importlib
+
+    eng = importlib.import_module(f"pylocalai._engines.{engine}")
+    path = Path(eng.__file__).parent / "bin" / engine / name
     if not path.is_file():
         sys.exit(f"{path} is missing: build with PYLOCALAI_BUILD_TOOLS=ON (the default)")
     return path
 
 
-def llama_bench(model: Path, threads: int, n_prompt: int, n_gen: int) -> tuple[float, float]:
+def llama_bench(engine: str, model: Path, threads: int, n_prompt: int, n_gen: int) -> tuple[float, float]:
     """(pp tok/s, tg tok/s) from one llama-bench invocation (its own mean of 3 repetitions)."""
-    cmd = [str(tool_path("llama-bench")), "-m", str(model), "-t", str(threads), "-p", str(n_prompt),
-           "-n", str(n_gen), "-r", "3", "-o", "json"]
+    cmd = [str(tool_path(engine, "llama-bench")), "-m", str(model), "-t", str(threads), "-p", str(n_prompt),
+           "-n", str(n_gen), "-r", "3", "-o", "json", *BENCH_ARGS[engine]]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800).stdout
     rows = json.loads(out)
     pp = next(r["avg_ts"] for r in rows if r["n_prompt"] == n_prompt and r["n_gen"] == 0)
@@ -58,6 +70,7 @@ def ours_single(llm: Any, rng: np.random.Generator, n_prompt: int, n_gen: int) -
     t0 = time.perf_counter()
     llm.complete(prompt, max_tokens=1, temperature=0.0)
     pp = n_prompt / (time.perf_counter() - t0)
+    clean(llm)
     # decode: from a 1-token prompt, as llama-bench's tg starts from an empty cache
     stamps: list[float] = []
     for chunk in llm.generate([int(rng.integers(100, n_vocab - 100))], max_tokens=n_gen, temperature=0.0, ignore_eos=True):
@@ -88,11 +101,19 @@ def ours_aggregate(llm: Any, rng: np.random.Generator, n_seqs: int, n_gen: int) 
     return sum(counts) / (time.perf_counter() - t0)
 
 
+def clean(llm: Any) -> None:
+    """Drop the prompt caches that finished requests left in their slots, so each measurement starts
+    from an empty KV cache as llama-bench's do. (On ik_llama.cpp, whose sequences share one cache,
+    cached prompts of idle slots widen every other sequence's attention: see README.)"""
+    llm.worker.call(llm.scheduler.drop_idle_caches)
+
+
 def summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def bench_model(model: Path, threads: int, repeats: int, n_prompt: int, n_gen: int, concurrency: list[int]) -> dict[str, Any]:
+def bench_engine(engine: str, model: Path, threads: int, repeats: int, n_prompt: int, n_gen: int,
+                 concurrency: list[int]) -> dict[str, Any]:
     from pylocalai import Llama
 
     rng = np.random.default_rng(0)
@@ -103,24 +124,26 @@ def bench_model(model: Path, threads: int, repeats: int, n_prompt: int, n_gen: i
     agg: dict[int, list[float]] = {c: [] for c in concurrency}
     # per-sequence KV: each of the max(concurrency) slots gets room for the prompt and the generation
     n_ctx = max(concurrency) * 1024 * ((n_prompt + n_gen) // 1024 + 1)
-    with Llama(model, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-               n_parallel=max(concurrency), flash_attn="auto") as llm:
+    with Llama(model, backend=ENGINES[engine], n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
+               n_parallel=max(concurrency), flash_attn=FLASH_ATTN[engine]) as llm:
         ours_single(llm, rng, 64, 8)  # warm-up: page the weights in, build the graphs
         for r in range(repeats):
-            pp, tg = llama_bench(model, threads, n_prompt, n_gen)
+            pp, tg = llama_bench(engine, model, threads, n_prompt, n_gen)
             ref_pp.append(pp)
             ref_tg.append(tg)
+            clean(llm)
             pp, tg = ours_single(llm, rng, n_prompt, n_gen)
             our_pp.append(pp)
             our_tg.append(tg)
             for c in concurrency:
+                clean(llm)
                 agg[c].append(ours_aggregate(llm, rng, c, n_gen))
-            print(f"  {model.name} repeat {r + 1}/{repeats}: llama-bench pp {ref_pp[-1]:.1f} tg {ref_tg[-1]:.1f} | "
-                  f"pylocalai pp {our_pp[-1]:.1f} tg {our_tg[-1]:.1f} | agg "
+            print(f"  {model.name} [{engine}] repeat {r + 1}/{repeats}: llama-bench pp {ref_pp[-1]:.1f} "
+                  f"tg {ref_tg[-1]:.1f} | pylocalai pp {our_pp[-1]:.1f} tg {our_tg[-1]:.1f} | agg "
                   + " ".join(f"{c}:{agg[c][-1]:.1f}" for c in concurrency), file=sys.stderr, flush=True)
         info = {k: llm.info[k] for k in ("architecture", "description", "n_params", "size_bytes")}
     res: dict[str, Any] = {
-        "model": model.name,
+        "engine": engine,
         "info": info,
         "llama_bench": {"pp": summary(ref_pp), "tg": summary(ref_tg)},
         "pylocalai": {"pp": summary(our_pp), "tg": summary(our_tg),
@@ -132,6 +155,16 @@ def bench_model(model: Path, threads: int, repeats: int, n_prompt: int, n_gen: i
         **{f"aggregate_{c}_vs_single": res["pylocalai"]["aggregate"][str(c)]["median"] / res["pylocalai"]["tg"]["median"]
            for c in concurrency},
     }
+    return res
+
+
+def bench_model(engines: list[str], model: Path, threads: int, repeats: int, n_prompt: int, n_gen: int,
+                concurrency: list[int]) -> dict[str, Any]:
+    per = {e: bench_engine(e, model, threads, repeats, n_prompt, n_gen, concurrency) for e in engines}
+    res: dict[str, Any] = {"model": model.name, "engines": per}
+    if "ik_llama_cpp" in per and "llama_cpp" in per:
+        ik, up = per["ik_llama_cpp"]["pylocalai"], per["llama_cpp"]["pylocalai"]
+        res["ik_vs_llama_cpp"] = {k: ik[k]["median"] / up[k]["median"] for k in ("pp", "tg")}
     return res
 
 
@@ -148,6 +181,8 @@ def fmt(s: dict[str, float]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", required=True, help="a .gguf path or 'default' (repeatable)")
+    ap.add_argument("--engine", action="append", choices=list(ENGINES),
+                    help="engine(s) to measure (repeatable; default: every engine this install built)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--n-prompt", type=int, default=512)
@@ -155,23 +190,31 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "engine.json")
     args = ap.parse_args()
-    results = [bench_model(resolve(m), args.threads, args.repeats, args.n_prompt, args.n_gen, args.concurrency)
-               for m in args.model]
+    from pylocalai.engine.backend import available_engines
+
+    engines = args.engine or [e for e in ENGINES if e in available_engines()]
+    results = [bench_model(engines, resolve(m), args.threads, args.repeats, args.n_prompt, args.n_gen,
+                           args.concurrency) for m in args.model]
     doc = {"threads": args.threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
            "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor()},
            "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2))
     print(f"\nthreads={args.threads}; median (min-max) of {args.repeats} alternating runs; tok/s")
-    print("| model | llama-bench pp | pylocalai pp | ratio | llama-bench tg | pylocalai tg | ratio | "
+    print("| model | engine | llama-bench pp | pylocalai pp | ratio | llama-bench tg | pylocalai tg | ratio | "
           + " | ".join(f"agg x{c}" for c in args.concurrency) + " | agg x4 / single |")
-    print("|---" * (7 + len(args.concurrency) + 1) + "|")
-    for r in results:
-        a = r["pylocalai"]["aggregate"]
-        print(f"| {r['model']} | {fmt(r['llama_bench']['pp'])} | {fmt(r['pylocalai']['pp'])} | {r['ratios']['pp']:.3f} | "
-              f"{fmt(r['llama_bench']['tg'])} | {fmt(r['pylocalai']['tg'])} | {r['ratios']['tg']:.3f} | "
-              + " | ".join(fmt(a[str(c)]) for c in args.concurrency)
-              + f" | {r['ratios'].get('aggregate_4_vs_single', float('nan')):.2f} |")
+    print("|---" * (8 + len(args.concurrency) + 1) + "|")
+    for res in results:
+        for engine, r in res["engines"].items():
+            a = r["pylocalai"]["aggregate"]
+            print(f"| {res['model']} | {engine} | {fmt(r['llama_bench']['pp'])} | {fmt(r['pylocalai']['pp'])} | "
+                  f"{r['ratios']['pp']:.3f} | {fmt(r['llama_bench']['tg'])} | {fmt(r['pylocalai']['tg'])} | "
+                  f"{r['ratios']['tg']:.3f} | " + " | ".join(fmt(a[str(c)]) for c in args.concurrency)
+                  + f" | {r['ratios'].get('aggregate_4_vs_single', float('nan')):.2f} |")
+    for res in results:
+        if "ik_vs_llama_cpp" in res:
+            x = res["ik_vs_llama_cpp"]
+            print(f"{res['model']}: pylocalai ik_llama_cpp / llama_cpp engine: prefill {x['pp']:.3f}, decode {x['tg']:.3f}")
     print(f"\nwrote {args.out}")
     return 0
 
