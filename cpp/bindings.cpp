@@ -7,6 +7,9 @@
 #include "compat/compat.hpp"
 #include "engine_api.hpp"
 #include "llama.h"
+#ifdef PYLOCALAI_HAS_MTMD
+#include "multimodal.hpp"
+#endif
 
 namespace py = pybind11;
 
@@ -337,6 +340,64 @@ void register_session(py::module_ & m) {
              py::arg("tokens"), py::arg("normalize") = true);
 }
 
+#ifdef PYLOCALAI_HAS_MTMD
+void register_projector(py::module_ & m) {
+    py::class_<MediaChunk, std::shared_ptr<MediaChunk>>(m, "MediaChunk", py::module_local())
+        .def_readonly("n_tokens", &MediaChunk::n_tokens)
+        .def_readonly("n_pos", &MediaChunk::n_pos)
+        .def_readonly("id", &MediaChunk::id)
+        .def_readonly("audio", &MediaChunk::audio);
+    py::class_<Projector>(m, "Projector", py::module_local())
+        .def(py::init([](std::shared_ptr<Model> model, const std::string & path, const py::dict & d) {
+                 reject_unknown(d, {"use_gpu", "n_threads", "image_min_tokens", "image_max_tokens", "warmup"},
+                                "projector");
+                 ProjectorParams p;
+                 p.path = path;
+                 p.use_gpu = get_or(d, "use_gpu", p.use_gpu);
+                 p.n_threads = get_or(d, "n_threads", p.n_threads);
+                 p.image_min_tokens = get_or(d, "image_min_tokens", p.image_min_tokens);
+                 p.image_max_tokens = get_or(d, "image_max_tokens", p.image_max_tokens);
+                 p.warmup = get_or(d, "warmup", p.warmup);
+                 py::gil_scoped_release release;
+                 return std::make_unique<Projector>(std::move(model), p);
+             }),
+             py::arg("model").none(false), py::arg("path"), py::arg("params") = py::dict())
+        .def_property_readonly("vision", &Projector::vision)
+        .def_property_readonly("audio", &Projector::audio)
+        .def_property_readonly("marker", &Projector::marker)
+        .def("tokenize",
+             [](const Projector & pr, const std::string & prompt, const std::vector<py::bytes> & files,
+                bool add_special, bool parse_special) {
+                 std::vector<std::string> f;
+                 f.reserve(files.size());
+                 for (const auto & b : files) {
+                     f.push_back(b.cast<std::string>());
+                 }
+                 std::vector<MediaSegment> segs;
+                 {
+                     py::gil_scoped_release release;  // decoding and resizing images
+                     segs = pr.tokenize(prompt, f, add_special, parse_special);
+                 }
+                 py::list out;
+                 for (const auto & s : segs) {
+                     if (s.media) {
+                         out.append(py::cast(s.media));
+                     } else {
+                         out.append(py::array_t<int32_t>(static_cast<py::ssize_t>(s.tokens.size()), s.tokens.data()));
+                     }
+                 }
+                 return out;
+             },
+             py::arg("prompt"), py::arg("files"), py::arg("add_special") = true, py::arg("parse_special") = true)
+        .def("eval",
+             [](Projector & pr, Session & session, const MediaChunk & media, int32_t seq, int32_t pos) {
+                 py::gil_scoped_release release;  // the vision/audio encoder, then one decode
+                 return pr.eval(session, media, seq, pos);
+             },
+             py::arg("session"), py::arg("media"), py::arg("seq"), py::arg("pos"));
+}
+#endif
+
 }  // namespace PYLOCALAI_ENGINE_NS
 
 PYBIND11_MODULE(PYLOCALAI_ENGINE_MODULE, m) {
@@ -347,6 +408,9 @@ PYBIND11_MODULE(PYLOCALAI_ENGINE_MODULE, m) {
     ns::compat::backend_init();
     ns::register_model(m);
     ns::register_session(m);
+#ifdef PYLOCALAI_HAS_MTMD
+    ns::register_projector(m);
+#endif
     m.def("json_schema_to_grammar", [](const std::string & schema) {
         py::gil_scoped_release release;
         return ns::json_schema_to_gbnf(schema);

@@ -25,6 +25,14 @@ void compat::engine_log(ggml_log_level level, const char * text, void * /*user*/
     }
 }
 
+std::vector<std::string> compat::engine_log_errors(bool clear) {
+    std::vector<std::string> out = t_log_errors;
+    if (clear) {
+        t_log_errors.clear();
+    }
+    return out;
+}
+
 // ---------------------------------------------------------------- Model
 
 Model::Model(const ModelParams & params) {

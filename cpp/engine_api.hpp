@@ -228,6 +228,7 @@ public:
     uint32_t n_ctx_seq() const;
     uint32_t n_batch() const;
     uint32_t n_seq_max() const;
+    llama_context * raw() const { return ctx_; }
 
     // A fresh sampler for seq; history holds tokens already in the sequence (penalties see them).
     void set_sampler(int32_t seq, const SamplingParams & params, const std::vector<int32_t> & history);

@@ -14,6 +14,8 @@ namespace compat {
 // The log callback each fork gets (engine.cpp): warnings and errors to stderr, and error lines kept
 // per thread so that a failed load can say why.
 void engine_log(ggml_log_level level, const char * text, void * user_data);
+// This thread's error lines logged since the last call with clear=true.
+std::vector<std::string> engine_log_errors(bool clear);
 
 // Once per process; throws EngineError when this CPU cannot run the build (ik_llama.cpp needs AVX2).
 void backend_init();
