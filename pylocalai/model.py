@@ -7,6 +7,7 @@ stream early cancels its request and frees its slot.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -22,12 +23,19 @@ import trio
 from pylocalai.engine import ik_options
 from pylocalai.engine.backend import engine_key, load_engine, map_engine_errors
 from pylocalai.engine.chat import ChatPlan, parse_answer, plan_chat
+from pylocalai.engine.media import (
+    MediaRef,
+    message_media,
+    split_messages,
+    without_media,
+)
 from pylocalai.engine.scheduler import Scheduler
 from pylocalai.engine.types import (
     EngineRequest,
     Finished,
     FinishReason,
     GenerationEvent,
+    MediaSpan,
     SamplingParams,
     TextDelta,
     TokenLogprob,
@@ -155,6 +163,10 @@ class Llama:
         context_shift: bool = False,
         warmup: bool = False,
         trace_ops: bool = False,
+        mmproj: str | os.PathLike[str] | None = None,
+        mmproj_use_gpu: bool = True,
+        image_min_tokens: int = -1,
+        image_max_tokens: int = -1,
         **engine_options: Any,
     ) -> None:
         path = os.fspath(model_path)
@@ -207,18 +219,41 @@ class Llama:
         _check_cache_types(self.info, cache_type_k, cache_type_v)
         with map_engine_errors():
             self._session = self._engine.Session(self._model, self._ctx_params)
+        self._projector: Any = None
+        if mmproj is not None:
+            self._projector = self._load_projector(os.fspath(mmproj), use_gpu=mmproj_use_gpu, n_threads=n_threads,
+                                                   image_min_tokens=image_min_tokens, image_max_tokens=image_max_tokens)
         self._scheduler = Scheduler(
             self._session,
             recurrent=bool(self.info["recurrent"] or self.info["hybrid"]),
             cache_prompt=cache_prompt,
             slot_prompt_similarity=slot_prompt_similarity,
             context_shift=context_shift,
+            projector=self._projector,
         )
         self._worker = EngineWorker(self._scheduler, name=os.path.basename(path))
         if warmup:
             self._warm_up()
         self._embed_session: Any = None
         self._embed_lock = threading.Lock()
+
+    def _load_projector(self, path: str, *, use_gpu: bool, n_threads: int | None, image_min_tokens: int,
+                        image_max_tokens: int) -> Any:
+        if not os.path.isfile(path):
+            raise InvalidRequestError(f"multimodal projector file not found: {path}", param="mmproj")
+        if not hasattr(self._engine, "Projector"):
+            raise InvalidRequestError(f"the {self.engine_name} engine cannot load a multimodal projector (mmproj); "
+                                      "use backend llama-cpp for images and audio", param="mmproj")
+        params = {"use_gpu": use_gpu, "n_threads": n_threads or -1, "image_min_tokens": image_min_tokens,
+                  "image_max_tokens": image_max_tokens}
+        with map_engine_errors("mmproj"):
+            return self._engine.Projector(self._model, path, params)
+
+    @property
+    def multimodal(self) -> dict[str, bool]:
+        """What media the model takes through its projector: {"vision": ..., "audio": ...}."""
+        p = self._projector
+        return {"vision": bool(p and p.vision), "audio": bool(p and p.audio)}
 
     def _warm_up(self) -> None:
         """One short generation so the first request does not pay for graph setup and page-in;
@@ -290,7 +325,37 @@ class Llama:
 
     # ------------------------------------------------------------ generation
 
-    def _request(self, prompt: str | Sequence[int], sampling: SamplingParams) -> EngineRequest:
+    def tokenize_media(self, prompt: str, files: Sequence[bytes]) -> tuple[list[int], tuple[MediaSpan, ...]]:
+        """Tokenize a prompt whose MEDIA_MARKERs stand for files (encoded images or audio), in order.
+
+        Returns the tokens, in which each item takes its positions as placeholder ids (negative,
+        derived from its content), and the spans that say where each item is."""
+        if not files:
+            return self.tokenize(prompt), ()
+        if self._projector is None:
+            raise InvalidRequestError("this model cannot take images or audio (it has no multimodal projector)",
+                                      param="messages")
+        with map_engine_errors("messages"):
+            segments = self._projector.tokenize(prompt, [bytes(f) for f in files], True, True)
+        tokens: list[int] = []
+        spans: list[MediaSpan] = []
+        for seg in segments:
+            if isinstance(seg, np.ndarray):
+                tokens.extend(int(t) for t in seg)
+                continue
+            digest = hashlib.sha256(seg.id.encode()).digest()
+            placeholder = -1 - (int.from_bytes(digest[:4], "little") & 0x7FFFFFFF)
+            spans.append(MediaSpan(len(tokens), int(seg.n_pos), seg))
+            tokens.extend([placeholder] * int(seg.n_pos))
+        return tokens, tuple(spans)
+
+    def _request(self, prompt: str | Sequence[int], sampling: SamplingParams,
+                 media: Sequence[MediaRef] = ()) -> EngineRequest:
+        if media:
+            if not isinstance(prompt, str):
+                raise InvalidRequestError("a prompt with media must be text", param="prompt")
+            tokens, spans = self.tokenize_media(prompt, [m.load() for m in media])
+            return EngineRequest(uuid.uuid4().hex, tuple(tokens), sampling, spans)
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         return EngineRequest(uuid.uuid4().hex, tuple(tokens), sampling)
 
@@ -380,8 +445,9 @@ class Llama:
         return out
 
     def _plan(self, messages: Sequence[dict[str, Any]], options: dict[str, Any], sampling: dict[str, Any]) -> tuple[EngineRequest, ChatPlan]:
-        plan = plan_chat(self, messages, **options)
-        return self._request(plan.prompt, sampling_from(plan.sampling_with(sampling))), plan
+        messages = split_messages(messages)  # image_url / input_audio parts → markers + media
+        plan = plan_chat(self, without_media(messages), **options)
+        return self._request(plan.prompt, sampling_from(plan.sampling_with(sampling)), message_media(messages)), plan
 
     def chat(
         self,

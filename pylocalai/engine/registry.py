@@ -140,6 +140,9 @@ class ModelRegistry:
         if not cfg.model_path.is_file():
             raise ModelNotFoundError(f"model {cfg.name!r}: file {cfg.model_path.name} is missing from the models folder",
                                      param="model")
+        if cfg.mmproj is not None and not cfg.mmproj.is_file():
+            raise ModelNotFoundError(f"model {cfg.name!r}: projector file {cfg.mmproj.name} is missing from the models folder",
+                                     param="model")
         t0 = time.monotonic()
         llm = Llama(
             cfg.model_path, backend=cfg.backend,
@@ -150,7 +153,8 @@ class ModelRegistry:
             kv_unified=unified, swa_full=o.swa_full, n_gpu_layers=d.gpu_layers if cfg.gpu_layers is None else cfg.gpu_layers,
             use_mmap=cfg.mmap, use_mlock=cfg.mlock, check_tensors=o.check_tensors, op_offload=not o.no_op_offload,
             rpc_servers=list(o.rpc_servers), slot_prompt_similarity=o.slot_prompt_similarity,
-            context_shift=o.context_shift, warmup=o.warmup, **dict(o.engine),
+            context_shift=o.context_shift, warmup=o.warmup, mmproj=cfg.mmproj, mmproj_use_gpu=o.mmproj_use_gpu,
+            image_min_tokens=o.image_min_tokens, image_max_tokens=o.image_max_tokens, **dict(o.engine),
         )
         log.info("loaded model %s in %.2f s", cfg.name, time.monotonic() - t0)
         return llm

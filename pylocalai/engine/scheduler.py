@@ -23,6 +23,7 @@ from pylocalai.engine.textstream import TextAssembler
 from pylocalai.engine.types import (
     EngineRequest,
     Finished,
+    MediaSpan,
     FinishReason,
     GenerationEvent,
     TextDelta,
@@ -99,8 +100,10 @@ class Scheduler:
         slot_prompt_similarity: float = 0.1,
         cache_prompt: bool = True,
         context_shift: bool = False,
+        projector: Any = None,
     ) -> None:
         self._session = session
+        self._projector = projector  # the engine's Projector: evaluates a prompt's media items
         self._n_ctx_seq = int(session.n_ctx_seq)
         self._n_batch = int(session.n_batch)
         n = int(session.n_seq_max) if n_slots is None else n_slots
@@ -154,6 +157,12 @@ class Scheduler:
             )
         if req.sampling.max_tokens is not None and req.sampling.max_tokens < 1:
             raise InvalidRequestError("max_tokens must be at least 1", param="max_tokens")
+        if req.media:
+            if self._projector is None:
+                raise InvalidRequestError("this model cannot take images or audio (it has no multimodal projector)",
+                                          param="messages")
+            if req.media[-1].end >= n:
+                raise InvalidRequestError("the prompt must go on with text after its last media item", param="messages")
 
     def submit(self, req: EngineRequest) -> None:
         self.check(req)
@@ -187,6 +196,8 @@ class Scheduler:
         """Admit what fits, run one batched decode, return the events it produced."""
         out: list[tuple[str, list[GenerationEvent]]] = []
         self._admit(out)
+        if self._projector is not None:
+            self._eval_media(out)
         while True:
             plan = self._plan()
             if plan is None:
@@ -265,6 +276,9 @@ class Scheduler:
         keep = _common_prefix(slot.cached, prompt) if self._cache_prompt else 0
         if keep >= len(prompt):
             keep = len(prompt) - 1  # always decode at least one prompt token: its logits start generation
+        for span in req.media:
+            if span.start < keep < span.end:
+                keep = span.start  # a media item's embeddings are decoded whole or not at all
         if self._recurrent:
             # Recurrent state cannot be cut back: reuse it only when the whole cached sequence is a prefix.
             if keep < len(slot.cached):
@@ -274,7 +288,10 @@ class Scheduler:
                 self._session.seq_rm(slot.seq, -1, -1)
                 keep = 0
             del slot.cached[keep:]
-        self._session.set_sampler(slot.seq, req.sampling.engine_dict(), np.asarray(prompt, dtype=np.int32))
+        history = np.asarray(prompt, dtype=np.int32)
+        if req.media:
+            history = history[history >= 0]  # media placeholders are no tokens to penalize
+        self._session.set_sampler(slot.seq, req.sampling.engine_dict(), history)
         slot.req = req
         slot.state = SlotState.PREFILL
         slot.prompt_pos = keep
@@ -287,6 +304,33 @@ class Scheduler:
         self._by_id[req.request_id] = slot
 
     # ------------------------------------------------------------ batching
+
+    def _eval_media(self, out: list[tuple[str, list[GenerationEvent]]]) -> None:
+        """Encode the media items that prefilling slots have reached and decode their embeddings
+        into the slots' sequences (one decode each, outside the token batch)."""
+        for slot in self._slots:
+            while slot.state is SlotState.PREFILL and slot.req is not None and slot.req.media:
+                span = _span_at(slot.req.media, slot.prompt_pos)
+                if span is None:
+                    break
+                pos = len(slot.cached)
+                t0 = time.perf_counter()
+                try:
+                    self._projector.eval(self._session, span.chunk, slot.seq, pos)
+                except RuntimeError as exc:
+                    self._session.seq_rm(slot.seq, pos, -1)
+                    if self.drop_idle_caches():  # no KV room: free the idle prefix caches and try again
+                        continue
+                    rid = slot.req.request_id
+                    out.append((rid, self._finish(slot, FinishReason.ERROR, error=EngineError(str(exc)))))
+                    self._session.seq_rm(slot.seq, -1, -1)
+                    slot.cached.clear()
+                    break
+                finally:
+                    self.stats.engine_time_s += time.perf_counter() - t0
+                slot.cached.extend(slot.req.prompt_tokens[span.start : span.end])
+                slot.prompt_pos = span.end
+                slot.last_used = time.monotonic()
 
     def _plan(self) -> tuple[Any, Any, Any, Any, list[tuple[_Slot, list[int]]]] | None:
         tokens: list[int] = []
@@ -307,7 +351,14 @@ class Scheduler:
                 continue
             assert slot.req is not None
             prompt = slot.req.prompt_tokens
-            chunk = list(prompt[slot.prompt_pos : slot.prompt_pos + budget])
+            end = slot.prompt_pos + budget
+            for span in slot.req.media:  # text up to the next media item (evaluated on its own)
+                if span.start >= slot.prompt_pos:
+                    end = min(end, span.start)
+                    break
+            chunk = list(prompt[slot.prompt_pos : end])
+            if not chunk:
+                continue
             start = len(slot.cached)
             last = slot.prompt_pos + len(chunk) == len(prompt)
             tokens.extend(chunk)
@@ -372,6 +423,8 @@ class Scheduler:
     def _shift(self, slot: _Slot) -> bool:
         """Context shift: drop the older half of the sequence after its first token (BOS) and move
         the rest down, so generation can go on. False when the memory cannot shift positions."""
+        if slot.req is not None and slot.req.media:
+            return False  # a shift could cut through a media item's embeddings
         n_keep = 1
         n_discard = (len(slot.cached) - n_keep) // 2
         if n_discard <= 0 or not self._session.seq_rm(slot.seq, n_keep, n_keep + n_discard):
@@ -416,6 +469,15 @@ class Scheduler:
         slot.state = SlotState.IDLE
         slot.last_used = time.monotonic()
         return events
+
+
+def _span_at(media: Sequence[MediaSpan], index: int) -> MediaSpan | None:
+    for span in media:
+        if span.start == index:
+            return span
+        if span.start > index:
+            return None
+    return None
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from pylocalai.errors import InvalidRequestError, PylocalaiError
 
@@ -78,12 +79,31 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
+class MediaSpan:
+    """A media item inside a prompt: prompt_tokens[start:start + length] stand for its embeddings.
+
+    Those entries are placeholders (the same negative id, derived from the item's content, at every
+    position), so a slot's prefix cache matches the same image again and never a different one.
+    length is the positions the item takes (its token count, except for M-RoPE models).
+    """
+
+    start: int
+    length: int
+    chunk: Any  # the engine's MediaChunk
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+@dataclass(frozen=True, slots=True)
 class EngineRequest:
     """A tokenized generation request, as the scheduler takes it."""
 
     request_id: str
     prompt_tokens: tuple[int, ...]
     sampling: SamplingParams
+    media: tuple[MediaSpan, ...] = ()  # in prompt order
 
 
 @dataclass(frozen=True, slots=True)
