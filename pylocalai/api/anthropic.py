@@ -12,9 +12,20 @@ import trio
 from quart import Blueprint, Response
 from werkzeug.exceptions import HTTPException
 
-from pylocalai.api.serving import PreparedChat, collect, generation, held, prepare_chat, read_json, registry, resolve_model, sampling_for
+from pylocalai.api.serving import (
+    PreparedChat,
+    collect,
+    generation,
+    held,
+    prepare_chat,
+    read_json,
+    registry,
+    resolve_model,
+    sampling_for,
+)
 from pylocalai.api.wire import get_bool, get_float, get_int, get_list, sse_event
 from pylocalai.engine.chat import AnswerStream, parse_answer
+from pylocalai.engine.media import MEDIA_MARKER, MediaRef
 from pylocalai.engine.registry import LoadedModel
 from pylocalai.engine.types import Finished, FinishReason, TextDelta
 from pylocalai.errors import ErrorKind, InvalidRequestError, PylocalaiError
@@ -66,6 +77,19 @@ def _text_of(content: Any, where: str) -> str:
     raise InvalidRequestError(f"{where} must be a string or an array of text blocks", param=where)
 
 
+def _image_block(block: dict[str, Any], where: str) -> MediaRef:
+    """An image block's source: {"type": "base64", "media_type", "data"} or {"type": "url", "url"}."""
+    src = block.get("source")
+    kind = src.get("type") if isinstance(src, dict) else None
+    if kind == "base64" and isinstance(src.get("data"), str):
+        media_type = src.get("media_type") if isinstance(src.get("media_type"), str) else "image/png"
+        return MediaRef("image", f"data:{media_type};base64,{src['data']}", f"{where}.source.data")  # decoded off the event loop
+    if kind == "url" and isinstance(src.get("url"), str):
+        return MediaRef("image", src["url"], where)
+    raise InvalidRequestError("an image block needs source {type: base64, media_type, data} or {type: url, url}",
+                              param=f"{where}.source")
+
+
 def parse_messages(value: Any, system: Any) -> list[dict[str, Any]]:
     """Anthropic messages -> the OpenAI-shaped messages the chat layer renders. Tool results become
     real tool messages (the template renders them as such), tool_use blocks assistant tool calls."""
@@ -85,28 +109,44 @@ def parse_messages(value: Any, system: Any) -> list[dict[str, Any]]:
         if not isinstance(content, list):
             raise InvalidRequestError(f"{where}.content must be a string or an array of blocks", param=f"{where}.content")
         text, calls, thinking = [], [], []
+        media: list[MediaRef] = []
         for j, b in enumerate(content):
             bw = f"{where}.content[{j}]"
             kind = b.get("type") if isinstance(b, dict) else None
             if kind == "text" and isinstance(b.get("text"), str):
                 text.append(b["text"])
             elif kind == "image":
-                raise InvalidRequestError("this model cannot take images (it has no multimodal projector)", param=bw)
+                text.append(MEDIA_MARKER)
+                media.append(_image_block(b, bw))
             elif kind == "tool_use" and role == "assistant" and isinstance(b.get("name"), str):
                 calls.append({"id": str(b.get("id") or f"toolu_{j}"), "type": "function",
                               "function": {"name": b["name"], "arguments": json.dumps(b.get("input") or {})}})
             elif kind == "tool_result" and role == "user":
                 res = b.get("content", "")
-                res_text = res if isinstance(res, str) else _text_of(
-                    [x for x in res if isinstance(x, dict) and x.get("type") == "text"], f"{bw}.content")
-                out.append({"role": "tool", "tool_call_id": str(b.get("tool_use_id") or ""),
-                            "content": ("Error: " + res_text) if b.get("is_error") else res_text})
+                res_media: list[MediaRef] = []
+                if isinstance(res, list):
+                    blocks = []
+                    for k, x in enumerate(res):
+                        if isinstance(x, dict) and x.get("type") == "image":
+                            res_media.append(_image_block(x, f"{bw}.content[{k}]"))
+                            blocks.append({"type": "text", "text": MEDIA_MARKER})
+                        else:
+                            blocks.append(x)
+                    res = blocks
+                res_text = _text_of(res, f"{bw}.content")
+                tool_msg: dict[str, Any] = {"role": "tool", "tool_call_id": str(b.get("tool_use_id") or ""),
+                                            "content": ("Error: " + res_text) if b.get("is_error") else res_text}
+                if res_media:
+                    tool_msg["media"] = res_media
+                out.append(tool_msg)
             elif kind in ("thinking", "redacted_thinking") and role == "assistant":
                 thinking.append(str(b.get("thinking") or ""))
             else:
                 raise InvalidRequestError(f"{bw}: unsupported or malformed content block {kind!r}", param=bw)
         if text or calls or thinking or role == "assistant":
             msg: dict[str, Any] = {"role": role, "content": "".join(text)}
+            if media:
+                msg["media"] = media
             if calls:
                 msg["tool_calls"] = calls
             if thinking:

@@ -36,10 +36,16 @@ from pylocalai.api.wire import (
     get_str,
     sse_data,
 )
-from pylocalai.config.prompt import message_text
 from pylocalai.engine.chat import AnswerDelta, AnswerStream, parse_answer
+from pylocalai.engine.media import content_parts
 from pylocalai.engine.registry import LoadedModel
-from pylocalai.engine.types import Finished, FinishReason, TextDelta, TokenLogprob, Usage
+from pylocalai.engine.types import (
+    Finished,
+    FinishReason,
+    TextDelta,
+    TokenLogprob,
+    Usage,
+)
 from pylocalai.errors import InvalidRequestError, PylocalaiError
 
 bp = Blueprint("openai", __name__)
@@ -64,8 +70,10 @@ def parse_messages(value: Any) -> list[dict[str, Any]]:
         role = m.get("role")
         if not isinstance(role, str) or role not in ROLES:
             raise InvalidRequestError(f"{where}.role must be one of {sorted(ROLES)}", param=f"{where}.role")
-        msg: dict[str, Any] = {"role": "system" if role == "developer" else role,
-                               "content": message_text(m.get("content"), f"{where}.content")}
+        text, media = content_parts(m.get("content"), f"{where}.content")
+        msg: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": text}
+        if media:
+            msg["media"] = media
         if role == "assistant" and m.get("tool_calls") is not None:
             calls = m["tool_calls"]
             if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls):

@@ -16,11 +16,33 @@ from quart import Blueprint, Response, current_app, request
 from pylocalai.api import errors_openai
 from pylocalai.api.response_store import ResponseStore
 from pylocalai.api.responses_run import ResponseRun, logprob_entries
-from pylocalai.api.serving import PreparedChat, generation, prepare_chat, read_json, registry, resolve_model, sampling_for
-from pylocalai.api.wire import SSE_DONE, get_bool, get_float, get_int, get_list, get_str, sse_event
+from pylocalai.api.serving import (
+    PreparedChat,
+    generation,
+    prepare_chat,
+    read_json,
+    registry,
+    resolve_model,
+    sampling_for,
+)
+from pylocalai.api.wire import (
+    SSE_DONE,
+    get_bool,
+    get_float,
+    get_int,
+    get_list,
+    get_str,
+    sse_event,
+)
 from pylocalai.engine.chat import AnswerStream
+from pylocalai.engine.media import content_parts
 from pylocalai.engine.registry import LoadedModel, ModelRegistry
-from pylocalai.errors import ContextLengthError, InvalidRequestError, ModelNotFoundError, PylocalaiError
+from pylocalai.errors import (
+    ContextLengthError,
+    InvalidRequestError,
+    ModelNotFoundError,
+    PylocalaiError,
+)
 
 log = logging.getLogger(__name__)
 bp = Blueprint("responses", __name__)
@@ -63,7 +85,10 @@ def normalize_input(value: Any) -> list[dict[str, Any]]:
             for j, p in enumerate(content):
                 ptype = p.get("type") if isinstance(p, dict) else None
                 if ptype == "input_image":
-                    raise InvalidRequestError("this model cannot take images (it has no multimodal projector)", param=f"{where}.content[{j}]")
+                    if not isinstance(p.get("image_url"), str) or not p["image_url"]:
+                        raise InvalidRequestError("an input_image part needs image_url (a data URI or an http(s) URL); "
+                                                  "file_id is not supported", param=f"{where}.content[{j}]")
+                    continue
                 if ptype not in ("input_text", "output_text", "text", "refusal") or not isinstance(p.get("text", p.get("refusal")), str):
                     raise InvalidRequestError(f"{where}.content[{j}] must be an input_text or output_text part", param=f"{where}.content[{j}]")
             items.append({"type": "message", "role": it["role"], "content": content})
@@ -106,12 +131,13 @@ def to_messages(items: list[dict[str, Any]], instructions: str | None) -> list[d
     for it in items:
         last = msgs[-1] if msgs else None
         if it["type"] == "message":
-            text = "".join(p.get("text", p.get("refusal", "")) for p in it["content"])
+            parts = [{"type": "text", "text": p["refusal"]} if p.get("type") == "refusal" else p for p in it["content"]]
+            text, media = content_parts(parts, "input")
             role = "system" if it["role"] == "developer" else it["role"]
             if role == "assistant" and last is not None and last["role"] == "assistant" and not last.get("_closed"):
                 last["content"] += text
             else:
-                msgs.append({"role": role, "content": text})
+                msgs.append({"role": role, "content": text, **({"media": media} if media else {})})
         elif it["type"] == "function_call":
             if last is None or last["role"] != "assistant":
                 last = {"role": "assistant", "content": ""}

@@ -16,10 +16,19 @@ from quart import current_app, request
 
 from pylocalai.api.wire import require_object
 from pylocalai.config.model_config import ModelConfig
-from pylocalai.config.prompt import render_chat
+from pylocalai.config.prompt import media_in_prompt_order, render_chat
 from pylocalai.engine.chat import ChatPlan, plan_chat
+from pylocalai.engine.media import message_media, without_media
 from pylocalai.engine.registry import LoadedModel, ModelRegistry
-from pylocalai.engine.types import EngineRequest, Finished, GenerationEvent, SamplingParams, TextDelta, TokenLogprob
+from pylocalai.engine.types import (
+    EngineRequest,
+    Finished,
+    GenerationEvent,
+    MediaSpan,
+    SamplingParams,
+    TextDelta,
+    TokenLogprob,
+)
 from pylocalai.errors import InvalidRequestError, PylocalaiError
 
 log = logging.getLogger(__name__)
@@ -70,12 +79,12 @@ def sampling_for(cfg: ModelConfig, request_fields: dict[str, Any], stop: Sequenc
     return out
 
 
-def make_request(tokens: Sequence[int], sampling: dict[str, Any]) -> EngineRequest:
+def make_request(tokens: Sequence[int], sampling: dict[str, Any], media: tuple[MediaSpan, ...] = ()) -> EngineRequest:
     try:
         params = SamplingParams(**sampling)
     except TypeError as exc:
         raise InvalidRequestError(f"invalid sampling parameters: {exc}") from None
-    return EngineRequest(uuid.uuid4().hex, tuple(tokens), params)
+    return EngineRequest(uuid.uuid4().hex, tuple(tokens), params, media)
 
 
 @dataclass
@@ -94,15 +103,21 @@ async def prepare_chat(entry: LoadedModel, messages: list[dict[str, Any]], sampl
 
     def work() -> PreparedChat:
         prompt = None
+        media = message_media(messages)
+        if media and not any(llm.multimodal.values()):
+            raise InvalidRequestError(f"model {cfg.name!r} cannot take images or audio (it has no multimodal "
+                                      "projector: set mmproj in its config)", param=media[0].param)
         if not cfg.uses_jinja:
             fns = [t.get("function", t) for t in tools or []] if tool_choice != "none" else []
             prompt = render_chat(cfg, messages, functions=fns, use_functions=bool(fns),
                                  reasoning_effort=reasoning_effort, metadata=metadata)
-        plan = plan_chat(llm, messages, tools=tools, tool_choice=tool_choice, parallel_tool_calls=parallel_tool_calls,
-                         json_schema=json_schema, enable_thinking=enable_thinking, template_kwargs=template_kwargs,
+            media = [m for msg in messages for m in media_in_prompt_order(msg)]
+        plan = plan_chat(llm, without_media(messages), tools=tools, tool_choice=tool_choice,
+                         parallel_tool_calls=parallel_tool_calls, json_schema=json_schema,
+                         enable_thinking=enable_thinking, template_kwargs=template_kwargs,
                          user_grammar=grammar, prompt=prompt)
-        tokens = llm.tokenize(plan.prompt)
-        return PreparedChat(plan, make_request(tokens, plan.sampling_with(sampling)))
+        tokens, spans = llm.tokenize_media(plan.prompt, [m.load() for m in media])
+        return PreparedChat(plan, make_request(tokens, plan.sampling_with(sampling), spans))
 
     return await trio.to_thread.run_sync(work)
 

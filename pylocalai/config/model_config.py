@@ -35,6 +35,7 @@ class TemplateConfig:
     completion: str = ""
     edit: str = ""
     function: str = ""
+    multimodal: str = ""  # how a message's media and text make its content (LocalAI's default if empty)
     use_tokenizer_template: bool = False
     join_chat_messages_by_character: str | None = None
     reply_prefix: str = ""
@@ -59,6 +60,9 @@ class EngineOptions:
     n_cache_reuse: int = 0
     fit_params: bool = False
     n_ctx_checkpoints: int = 0
+    mmproj_use_gpu: bool = True
+    image_min_tokens: int = -1  # -1: the projector's own default
+    image_max_tokens: int = -1
     # ik_llama.cpp's own knobs (pylocalai.engine.ik_options), as (Llama keyword, value) pairs
     engine: tuple[tuple[str, Any], ...] = ()
 
@@ -86,6 +90,7 @@ class ModelConfig:
     options: EngineOptions = EngineOptions()
     parameters: dict[str, Any] = field(default_factory=dict)  # request defaults (temperature, ...)
     description: str = ""
+    mmproj: Path | None = None  # multimodal projector (images, audio), inside the models folder
 
     @property
     def uses_jinja(self) -> bool:
@@ -105,12 +110,13 @@ OPTION_ALIASES = {
     "fit_ctx": "fit_params_min_ctx",
     "cache_reuse": "n_cache_reuse",
     "sps": "slot_prompt_similarity",
+    "mmproj_offload": "mmproj_use_gpu",
     "continuous_batching": "cont_batching",
     "unified_kv": "kv_unified",
     "ctx_checkpoints": "n_ctx_checkpoints",
 }
 _BOOL_OPTIONS = {"use_jinja", "context_shift", "swa_full", "cont_batching", "check_tensors", "warmup",
-                 "no_op_offload", "kv_unified", "fit_params"}
+                 "no_op_offload", "kv_unified", "fit_params", "mmproj_use_gpu"}
 # options LocalAI documents that have no engine effect in pylocalai: rejected when set to anything but
 # their no-op value, with the reason (never silently ignored)
 _NO_FIT = "fitting to device memory is not implemented; set gpu_layers and context_size"
@@ -152,6 +158,8 @@ def parse_options(items: list[Any], where: str, env: dict[str, str] | None = Non
             values[key] = _int(value, at, lo=1)
         elif key == "rpc_servers":
             values[key] = tuple(s.strip() for s in value.split(",") if s.strip())
+        elif key in ("image_min_tokens", "image_max_tokens"):
+            values[key] = _int(value, at, lo=-1)
         elif key == "slot_prompt_similarity":
             values[key] = _float(value, at, lo=0.0, hi=1.0)
         elif key in _UNSUPPORTED:
@@ -234,7 +242,7 @@ def parse_config(doc: Any, models_dir: Path, source: str, env: dict[str, str] | 
         raise ConfigError(f"{where}: field 'template' must be a mapping", param="template")
     template = TemplateConfig(
         **{k: _template_text(models_dir, tmpl.get(k), f"{where}: template.{k}")
-           for k in ("chat", "chat_message", "completion", "edit", "function")},
+           for k in ("chat", "chat_message", "completion", "edit", "function", "multimodal")},
         use_tokenizer_template=bool(tmpl.get("use_tokenizer_template", False)),
         join_chat_messages_by_character=tmpl.get("join_chat_messages_by_character"),
         reply_prefix=str(tmpl.get("reply_prefix") or ""),
@@ -257,8 +265,12 @@ def parse_config(doc: Any, models_dir: Path, source: str, env: dict[str, str] | 
         first = options.engine[0][0]
         raise ConfigError(f"{where}: option {first!r} is an ik_llama.cpp option; set backend: ik-llama-cpp "
                           f"to use it (backend is {backend!r})", param="options")
+    mmproj = doc.get("mmproj")
+    if mmproj is not None and not isinstance(mmproj, str):
+        raise ConfigError(f"{where}: field 'mmproj' must be a file name in the models folder", param="mmproj")
     return ModelConfig(
         name=name.strip(),
+        mmproj=safe_model_file(models_dir, mmproj, f"{where}: mmproj") if mmproj else None,
         model_path=safe_model_file(models_dir, model_file, where),
         backend=backend,
         source=source,

@@ -14,9 +14,10 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from pylocalai.config._govalue import chat_message_data, prompt_data
+from pylocalai.config._govalue import chat_message_data, multimodal_data, prompt_data
 from pylocalai.config.gotemplate import TemplateError, render
 from pylocalai.config.model_config import ModelConfig
+from pylocalai.engine.media import MEDIA_MARKER
 from pylocalai.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
@@ -41,15 +42,36 @@ def message_text(content: Any, param: str = "messages") -> str:
     raise InvalidRequestError("message content must be a string or an array of parts", param=param)
 
 
+# LocalAI's default multimodal template: a message's media markers before its text.
+DEFAULT_MULTIMODAL = (
+    "{{ range .Audio }}<__media__>{{end}}{{ range .Images }}<__media__>{{end}}"
+    "{{ range .Video }}[vid-{{.ID}}]{{end}}{{.Text}}"
+)
+
+
+def media_in_prompt_order(msg: dict[str, Any]) -> list[Any]:
+    """A message's media in the order the Go templates' markers take them: audio, then images."""
+    media = list(msg.get("media") or ())
+    return [m for m in media if m.kind == "audio"] + [m for m in media if m.kind != "audio"]
+
+
 def render_chat(cfg: ModelConfig, messages: Sequence[dict[str, Any]], *, functions: Sequence[dict[str, Any]] = (),
                 use_functions: bool = False, reasoning_effort: str = "", metadata: dict[str, str] | None = None) -> str:
     t = cfg.template
     rendered: list[str] = []
     suppress_system = False
     n = len(messages)
+    counts = {"image": 0, "audio": 0}  # running media indices across the chat (the templates' .ID)
     for i, msg in enumerate(messages):
         role = str(msg.get("role", ""))
         text = message_text(msg.get("content"))
+        if msg.get("media"):
+            ids: dict[str, list[int]] = {"image": [], "audio": []}
+            for item in media_in_prompt_order(msg):
+                ids[item.kind].append(counts[item.kind])
+                counts[item.kind] += 1
+            data = multimodal_data(Text=text.replace(MEDIA_MARKER, ""), Images=ids["image"], Audio=ids["audio"])
+            text = render(f"{cfg.name}:multimodal", t.multimodal or DEFAULT_MULTIMODAL, data)
         calls = msg.get("tool_calls") or None
         legacy = msg.get("function_call")
         role_name = role
