@@ -61,6 +61,12 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_mmproj(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LLaVA-style projector for tiny_llama: 4 image tokens per image."""
+    return ggufgen.write_tiny_mmproj(tmp_path_factory.mktemp("gguf") / "tiny-mmproj.gguf")
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny llama with Qwen2's BPE vocab, whose ChatML markers are single special tokens."""
     vocab = ggufgen.ROOT / "third_party" / "llama.cpp" / "models" / "ggml-vocab-qwen2.gguf"

@@ -11,16 +11,21 @@ Two architectures are provided because the engine treats them differently:
 * ``llama``  - a plain transformer with a KV cache (positions can be cut back).
 * ``rwkv6``  - a recurrent model whose state cannot be rewound to a prefix.
 
+For multimodal tests, ``write_tiny_mmproj`` writes a matching vision projector
+(a CLIP encoder plus a LLaVA "mlp" projector, loaded by llama.cpp's libmtmd)
+and ``write_png`` makes test images without an imaging library.
+
 The tokenizer is copied from llama.cpp's ``models/ggml-vocab-llama-spm.gguf``
 (a vocab-only GGUF shipped with the engine source), so no download is needed.
 
-Run ``python tests/ggufgen.py OUTDIR`` to write both models for manual use.
+Run ``python tests/ggufgen.py OUTDIR`` to write the models for manual use.
 """
 from __future__ import annotations
 
 import functools
 import struct
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -438,14 +443,161 @@ def write_tiny_rwkv6(
     return path
 
 
+# ---------------------------------------------------------------------------
+# mmproj: CLIP vision encoder + LLaVA "mlp" projector (llama.cpp libmtmd)
+# ---------------------------------------------------------------------------
+
+# OpenAI CLIP preprocessing constants (what real LLaVA-1.5 mmproj files carry)
+CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def write_tiny_mmproj(
+    path: str | Path,
+    *,
+    n_embd_text: int = 64,
+    image_size: int = 28,
+    patch_size: int = 14,
+    n_embd: int = 32,
+    n_head: int = 4,
+    n_ff: int = 64,
+    n_layer: int = 2,
+    class_token: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Write a tiny random LLaVA-style multimodal projector (``clip.projector_type = "mlp"``).
+
+    libmtmd loads it with ``mtmd_init_from_file(mmproj, text_model, params)``; ``n_embd_text``
+    must equal the text model's ``n_embd`` (64 for ``write_tiny_llama``'s default), otherwise
+    mtmd refuses the pair ("mismatch between text model (n_embd = ...) and mmproj").
+
+    Token count: every image yields ``(image_size // patch_size) ** 2`` embeddings (4 with the
+    defaults), each of ``n_embd_text`` floats.  The count is fixed: mtmd first resizes any image
+    to ``image_size`` x ``image_size`` (aspect kept, bicubic, padded with RGB (122, 116, 104)),
+    then normalizes it with ``CLIP_IMAGE_MEAN``/``CLIP_IMAGE_STD``.  No text is added around an
+    image for this projector type: the ``<__media__>`` marker becomes exactly that one image
+    chunk of 4 tokens.
+
+    ``class_token=True`` adds ``v.class_embd`` like a real CLIP; the count stays the same, but
+    this engine version's llava graph appends the class token *after* the patches
+    (``ggml_concat(inp, class_embd, 1)``) and then drops row 0, so the output is patches
+    1..n-1 followed by the class token, whose embedding hardly depends on the image (not at
+    all with ``n_layer=1``).  Hence the default is no class token: each output token is then
+    one image patch, row-major from the top-left, and every token differs between images.
+
+    Encoder depth: the llava graph (``tools/mtmd/models/llava.cpp``) uses the penultimate layer,
+    i.e. it runs only ``n_layer - 1`` blocks; all ``n_layer`` blocks must still be in the file.
+    The default 2 thus runs one real attention + FFN block; ``n_layer=1`` runs none (patch
+    embedding + position embedding + layer norms + projector only).
+
+    Weights: the encoder uses the usual 0.02 scale (norms 1, biases 0); the patch embedding and
+    the two projector matrices use 1/sqrt(fan_in), so that different images give clearly
+    different embeddings of magnitude ~1, like the text model's token embeddings.  Everything is
+    F32 (``v.class_embd`` must be F32 anyway: it is concatenated with F32 activations).
+    """
+    if image_size % patch_size or image_size < patch_size:
+        raise ValueError("image_size must be a positive multiple of patch_size")
+    if n_embd % n_head:
+        raise ValueError("n_embd must be divisible by n_head")
+    if n_layer < 1:
+        raise ValueError("n_layer must be >= 1 (the llava graph runs n_layer - 1 of them)")
+    n_patches = (image_size // patch_size) ** 2
+    n_pos = n_patches + (1 if class_token else 0)
+
+    path = Path(path)
+    w = gguf.GGUFWriter(path, "clip")  # general.architecture of every mmproj (gguf MODEL_ARCH.MMPROJ)
+    w.add_type("mmproj")
+    w.add_name("tiny-llava-mmproj-test")
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_clip_has_vision_encoder(True)
+    w.add_clip_projector_type("mlp")  # PROJECTOR_TYPE_MLP in tools/mtmd/clip-impl.h
+    w.add_bool(gguf.Keys.Clip.HAS_LLAVA_PROJECTOR, True)  # legacy key, not read any more
+    # all of these are required by clip.cpp load_hparams (u32 / f32 types are asserted)
+    w.add_vision_image_size(image_size)
+    w.add_vision_patch_size(patch_size)
+    w.add_vision_embedding_length(n_embd)
+    w.add_vision_feed_forward_length(n_ff)
+    w.add_vision_projection_dim(n_embd_text)
+    w.add_vision_block_count(n_layer)
+    w.add_vision_head_count(n_head)
+    w.add_vision_attention_layernorm_eps(1e-5)
+    w.add_vision_image_mean(list(CLIP_IMAGE_MEAN))  # float32 arrays of >= 3 values
+    w.add_vision_image_std(list(CLIP_IMAGE_STD))
+    w.add_vision_use_gelu(False)  # FFN activation = gelu_quick, as in OpenAI CLIP
+
+    t = _Tensors(w, seed)
+    # conv2d kernel, ggml ne {patch, patch, 3, n_embd} (= PyTorch Conv2d weight layout)
+    t.random("v.patch_embd.weight", (n_embd, 3, patch_size, patch_size),
+             scale=1.0 / np.sqrt(3 * patch_size * patch_size))
+    if class_token:
+        t.random("v.class_embd", (n_embd,))
+    t.random("v.position_embd.weight", (n_pos, n_embd))  # ne {n_embd, n_pos}
+    t.const("v.pre_ln.weight", (n_embd,), 1.0)
+    t.const("v.pre_ln.bias", (n_embd,), 0.0)
+    for i in range(n_layer):
+        p = f"v.blk.{i}."
+        for norm in ("ln1", "ln2"):
+            t.const(p + norm + ".weight", (n_embd,), 1.0)
+            t.const(p + norm + ".bias", (n_embd,), 0.0)
+        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            t.random(p + name + ".weight", (n_embd, n_embd))
+            t.const(p + name + ".bias", (n_embd,), 0.0)
+        # correctly named (ffn_up ne {n_embd, n_ff}); clip.cpp swaps up/down when
+        # ffn_down's ne[0] == n_embd (legacy files), which only n_ff == n_embd would trigger
+        t.random(p + "ffn_up.weight", (n_ff, n_embd))
+        t.const(p + "ffn_up.bias", (n_ff,), 0.0)
+        t.random(p + "ffn_down.weight", (n_embd, n_ff))
+        t.const(p + "ffn_down.bias", (n_embd,), 0.0)
+    t.const("v.post_ln.weight", (n_embd,), 1.0)
+    t.const("v.post_ln.bias", (n_embd,), 0.0)
+    # LLaVA-1.5 projector: Linear(n_embd -> n_embd_text), GELU, Linear(n_embd_text -> n_embd_text);
+    # mtmd takes the output width from mm.2.weight's ne[1]
+    t.random("mm.0.weight", (n_embd_text, n_embd), scale=1.0 / np.sqrt(n_embd))
+    t.const("mm.0.bias", (n_embd_text,), 0.0)
+    t.random("mm.2.weight", (n_embd_text, n_embd_text), scale=1.0 / np.sqrt(n_embd_text))
+    t.const("mm.2.bias", (n_embd_text,), 0.0)
+    _finish(w)
+    return path
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def write_png(path: str | Path | None, pixels: np.ndarray) -> bytes:
+    """Encode ``pixels`` (uint8, shape (height, width, 3) RGB or (height, width, 4) RGBA) as PNG.
+
+    Returns the PNG bytes and also writes them to ``path`` unless it is None.  Plain zlib +
+    struct (8-bit, no filtering, no interlace), so tests need no imaging library; stb_image,
+    which llama.cpp's mtmd uses to decode images, reads it.
+    """
+    px = np.asarray(pixels)
+    if px.dtype != np.uint8 or px.ndim != 3 or px.shape[2] not in (3, 4) or 0 in px.shape[:2]:
+        raise ValueError(f"pixels must be a uint8 (height, width, 3 or 4) array, got {px.dtype} {px.shape}")
+    height, width, channels = px.shape
+    color_type = 2 if channels == 3 else 6  # truecolor / truecolor with alpha
+    rows = np.ascontiguousarray(px).reshape(height, width * channels)
+    raw = np.concatenate([np.zeros((height, 1), dtype=np.uint8), rows], axis=1)  # filter 0 per row
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0))
+        + _png_chunk(b"IDAT", zlib.compress(raw.tobytes(), 6))
+        + _png_chunk(b"IEND", b"")
+    )
+    if path is not None:
+        Path(path).write_bytes(png)
+    return png
+
+
 def main(argv: list[str]) -> int:
-    """CLI: ``python tests/ggufgen.py OUTDIR`` writes tiny-llama.gguf and tiny-rwkv6.gguf."""
+    """CLI: ``python tests/ggufgen.py OUTDIR`` writes tiny-llama.gguf, tiny-rwkv6.gguf and tiny-mmproj.gguf."""
     if len(argv) != 1:
         print("usage: python tests/ggufgen.py OUTDIR", file=sys.stderr)
         return 2
     out = Path(argv[0])
     out.mkdir(parents=True, exist_ok=True)
-    for p in (write_tiny_llama(out / "tiny-llama.gguf"), write_tiny_rwkv6(out / "tiny-rwkv6.gguf")):
+    for p in (write_tiny_llama(out / "tiny-llama.gguf"), write_tiny_rwkv6(out / "tiny-rwkv6.gguf"),
+              write_tiny_mmproj(out / "tiny-mmproj.gguf")):
         print(f"{p}  {p.stat().st_size / 1e6:.2f} MB")
     return 0
 
