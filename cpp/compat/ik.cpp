@@ -6,6 +6,7 @@
 #include "common.h"
 #include "json-schema-to-grammar.h"
 #include "llama.h"
+#include "log.h"
 
 #include <nlohmann/json.hpp>
 
@@ -115,6 +116,7 @@ void backend_init() {
     // reports it.
     std::call_once(g_backend_once, [] {
         check_cpu();
+        log_disable();  // ik's common library would otherwise write ./llama.log (e.g. parsing partial tool calls)
         llama_log_set(engine_log, nullptr);
         llama_backend_init();
     });

@@ -260,3 +260,17 @@ def test_yaml_options_reach_the_engine(ik_engine: Any, tiny_q8: Path, tmp_path: 
     model, ctx = trio.run(main)
     assert model["repack_tensors"] is True and model["use_mmap"] is False  # repacking reads into memory
     assert ctx["fused_up_gate"] is False and ctx["attn_max_batch"] == 64
+
+
+def test_the_chat_parser_writes_no_log_file(ik_engine: Any, tiny_qwen: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # ik's common library logs to ./llama.log by default; a server must not litter its working directory
+    monkeypatch.chdir(tmp_path)
+    with Llama(tiny_qwen, backend="ik-llama-cpp", n_ctx=512, n_parallel=1, n_threads=2) as llm:
+        tools = [{"type": "function", "function": {"name": "get_time", "parameters": {
+            "type": "object", "properties": {"tz": {"type": "string"}}}}}]
+        rendered = llm.apply_chat_template([{"role": "user", "content": "time?"}], tools=tools)
+        for partial in ('<tool_call>\n{"name": "get_ti', '<tool_call>\n{"name": "get_time", "arguments": {"tz": "UT'):
+            msg = llm.parse_rendered(partial, rendered, is_partial=True)
+            assert isinstance(msg, dict)
+    assert list(tmp_path.iterdir()) == []
