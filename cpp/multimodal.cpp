@@ -1,4 +1,6 @@
 // Projector: libmtmd behind the engine contract (see multimodal.hpp).
+// ik_llama.cpp carries an older libmtmd (examples/mtmd): the few calls that differ are marked
+// PYLOCALAI_ENGINE_IK here rather than in the compat layer, which builds without mtmd's headers.
 #include "multimodal.hpp"
 
 #include <stdexcept>
@@ -7,6 +9,9 @@
 #include "llama.h"
 #include "mtmd-helper.h"
 #include "mtmd.h"
+#ifdef PYLOCALAI_ENGINE_IK
+#include "clip-impl.h"  // g_logger_state: ik's libmtmd has no log-callback setter
+#endif
 
 namespace PYLOCALAI_ENGINE_NS {
 
@@ -41,12 +46,18 @@ std::string logged_errors() {
 }  // namespace
 
 Projector::Projector(std::shared_ptr<Model> model, const ProjectorParams & params) : model_(std::move(model)) {
-    mtmd_helper_log_set(compat::engine_log, nullptr);
     mtmd_context_params p = mtmd_context_params_default();
+#ifdef PYLOCALAI_ENGINE_IK
+    p.verbosity = GGML_LOG_LEVEL_WARN;  // becomes the clip logger's threshold at init
+    g_logger_state.log_callback = compat::engine_log;  // with patch 0003, the helper's lines come here too
+    g_logger_state.log_callback_user_data = nullptr;
+#else
+    mtmd_helper_log_set(compat::engine_log, nullptr);
+    p.warmup = params.warmup;
+#endif
     p.use_gpu = params.use_gpu;
     p.print_timings = false;
     p.media_marker = mtmd_default_marker();
-    p.warmup = params.warmup;
     if (params.n_threads > 0) {
         p.n_threads = params.n_threads;
     }
@@ -71,6 +82,9 @@ std::string Projector::marker() const { return mtmd_default_marker(); }
 
 std::vector<MediaSegment> Projector::tokenize(const std::string & prompt, const std::vector<std::string> & files,
                                               bool add_special, bool parse_special) const {
+#ifdef PYLOCALAI_ENGINE_IK
+    std::lock_guard<std::mutex> lock(mu_);  // ik's libmtmd does not promise a thread-safe tokenize
+#endif
     const std::string mark = marker();
     size_t n_markers = 0;
     for (size_t at = prompt.find(mark); at != std::string::npos; at = prompt.find(mark, at + mark.size())) {
@@ -82,15 +96,23 @@ std::vector<MediaSegment> Projector::tokenize(const std::string & prompt, const 
                                     "than items (does the chat template render the markers?)");
     }
     BitmapList bitmaps;
+#ifndef PYLOCALAI_ENGINE_IK
     const mtmd_helper_init_opt opt = mtmd_helper_init_opt_default();
+#endif
     for (size_t i = 0; i < files.size(); ++i) {
         const auto & f = files[i];
         compat::engine_log_errors(true);
+#ifdef PYLOCALAI_ENGINE_IK
+        struct {
+            mtmd_bitmap * bitmap;
+        } w{mtmd_helper_bitmap_init_from_buf(ctx_, reinterpret_cast<const unsigned char *>(f.data()), f.size())};
+#else
         auto w = mtmd_helper_bitmap_init_from_buf(ctx_, reinterpret_cast<const unsigned char *>(f.data()), f.size(),
                                                   false, opt);
         if (w.video_ctx != nullptr) {
             mtmd_helper_video_free(w.video_ctx);
         }
+#endif
         if (w.bitmap == nullptr) {
             const std::string why = logged_errors();  // e.g. audio for a projector that takes none
             throw std::invalid_argument("media item " + std::to_string(i) + " could not be decoded: " +
@@ -106,7 +128,11 @@ std::vector<MediaSegment> Projector::tokenize(const std::string & prompt, const 
             throw std::invalid_argument("media item " + std::to_string(i) + " is an image, but this model's projector takes no images");
         }
     }
+#ifdef PYLOCALAI_ENGINE_IK
+    mtmd_input_text text{prompt.c_str(), add_special, parse_special};
+#else
     mtmd_input_text text{prompt.c_str(), prompt.size(), add_special, parse_special};
+#endif
     ChunkList chunks;
     compat::engine_log_errors(true);
     const int32_t rc = mtmd_tokenize(ctx_, chunks.p, &text, const_cast<const mtmd_bitmap **>(bitmaps.items.data()),

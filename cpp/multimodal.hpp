@@ -1,6 +1,7 @@
 // Multimodal input through llama.cpp's multimodal library (libmtmd): a projector file (mmproj) turns
 // images into embeddings that are decoded into a sequence's KV cache like prompt tokens.
-// Built for the forks whose tree has tools/mtmd with the current API (PYLOCALAI_HAS_MTMD).
+// Built for every fork whose tree has libmtmd (PYLOCALAI_HAS_MTMD): tools/mtmd upstream,
+// examples/mtmd in ik_llama.cpp.
 #pragma once
 
 #include <cstdint>
@@ -64,7 +65,7 @@ public:
 private:
     std::shared_ptr<Model> model_;
     mtmd_context * ctx_ = nullptr;
-    mutable std::mutex mu_;  // encoding keeps per-context state; tokenizing only reads
+    mutable std::mutex mu_;  // encoding keeps per-context state; tokenizing only reads (ik: guarded too)
 };
 
 }  // namespace PYLOCALAI_ENGINE_NS

@@ -335,16 +335,18 @@ class Llama:
         if self._projector is None:
             raise InvalidRequestError("this model cannot take images or audio (it has no multimodal projector)",
                                       param="messages")
+        files = [bytes(f) for f in files]
         with map_engine_errors("messages"):
-            segments = self._projector.tokenize(prompt, [bytes(f) for f in files], True, True)
+            segments = self._projector.tokenize(prompt, files, True, True)
+        # the placeholder comes from the file's own bytes (ik's libmtmd gives every image the same id)
+        digests = iter(hashlib.sha256(f).digest() for f in files)
         tokens: list[int] = []
         spans: list[MediaSpan] = []
         for seg in segments:
             if isinstance(seg, np.ndarray):
                 tokens.extend(int(t) for t in seg)
                 continue
-            digest = hashlib.sha256(seg.id.encode()).digest()
-            placeholder = -1 - (int.from_bytes(digest[:4], "little") & 0x7FFFFFFF)
+            placeholder = -1 - (int.from_bytes(next(digests)[:4], "little") & 0x7FFFFFFF)
             spans.append(MediaSpan(len(tokens), int(seg.n_pos), seg))
             tokens.extend([placeholder] * int(seg.n_pos))
         return tokens, tuple(spans)
