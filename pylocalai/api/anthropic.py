@@ -23,7 +23,14 @@ from pylocalai.api.serving import (
     resolve_model,
     sampling_for,
 )
-from pylocalai.api.wire import get_bool, get_float, get_int, get_list, sse_event
+from pylocalai.api.wire import (
+    get_bool,
+    get_float,
+    get_int,
+    get_list,
+    get_str,
+    sse_event,
+)
 from pylocalai.engine.chat import AnswerStream, parse_answer
 from pylocalai.engine.media import MEDIA_MARKER, MediaRef
 from pylocalai.engine.registry import LoadedModel
@@ -203,7 +210,9 @@ class MessagesCall:
         meta = body.get("metadata")
         if meta is not None and not isinstance(meta, dict):
             raise InvalidRequestError("'metadata' must be an object", param="metadata")
-        self.template_kwargs = {str(k): v for k, v in (meta or {}).items() if k != "user_id"}
+        # metadata keys reach the chat template; "true"/"false" strings become booleans, as on chat completions
+        self.template_kwargs = {str(k): {"true": True, "false": False}.get(v, v) if isinstance(v, str) else v
+                                for k, v in (meta or {}).items() if k != "user_id"}
         if thinking is not None:
             self.template_kwargs.setdefault("enable_thinking", self.thinking)
         self.stream = bool(get_bool(body, "stream", False))
@@ -214,6 +223,7 @@ class MessagesCall:
             "top_k": get_int(body, "top_k", lo=0),
             "ignore_eos": get_bool(body, "ignore_eos"),  # llama.cpp extension, as on the other endpoints
         }
+        self.grammar = get_str(body, "grammar", "")  # LocalAI extension (GBNF), as on chat completions
         self.sampling = sampling_for(self.cfg, fields, self.stop_sequences)
         self.id = "msg_" + uuid.uuid4().hex
         self.model = body.get("model") or self.cfg.name
@@ -224,7 +234,7 @@ class MessagesCall:
         return await prepare_chat(entry, self.messages, self.sampling, tools=self.tools, tool_choice=self.tool_choice,
                                   parallel_tool_calls=parallel, json_schema=None,
                                   enable_thinking=self.template_kwargs.get("enable_thinking", True) is not False,
-                                  template_kwargs=self.template_kwargs)
+                                  template_kwargs=self.template_kwargs, grammar=self.grammar)
 
     def stop_reason(self, fin: Finished, has_calls: bool) -> tuple[str, str | None]:
         if has_calls and fin.reason is FinishReason.STOP:
