@@ -112,7 +112,7 @@ def content_parts(content: Any, param: str = "messages") -> tuple[str, list[Medi
             data = audio.get("data") if isinstance(audio, dict) else None
             if not isinstance(data, str):
                 raise InvalidRequestError("an input_audio part needs input_audio.data (base64)", param=where)
-            media.append(MediaRef("audio", decode_base64(data, where), where))
+            media.append(MediaRef("audio", f"data:audio/wav;base64,{data}", where))  # decoded off the event loop
             text.append(MEDIA_MARKER)
         elif kind == "audio_url":
             url = part.get("audio_url")
