@@ -5,7 +5,8 @@ Measures, for each model and each engine (llama.cpp, ik_llama.cpp; --engine pick
 threads:
 - prefill tok/s of a 512-token prompt (llama-bench pp512 vs pylocalai: submit -> first token),
 - single-stream decode tok/s over 128 tokens (llama-bench tg128 vs pylocalai: first -> last token),
-- aggregate decode tok/s of pylocalai with 1, 4 and 8 concurrent sequences (continuous batching).
+- aggregate decode tok/s of pylocalai with 1, 4 and 8 concurrent sequences (continuous batching),
+  beside the fork's own llama-batched-bench decoding the same number of sequences (its S_TG).
 Runs alternate llama-bench / pylocalai and engine / engine; each figure is the median over repeats
 with min-max, and the ratios pylocalai / the fork's llama-bench are reported, plus pylocalai's
 ik_llama.cpp engine / its llama.cpp engine. Settings are the same on both sides of each ratio:
@@ -81,24 +82,49 @@ def ours_single(llm: Any, rng: np.random.Generator, n_prompt: int, n_gen: int) -
 
 
 def ours_aggregate(llm: Any, rng: np.random.Generator, n_seqs: int, n_gen: int) -> float:
-    """Total generated tokens / wall time for n_seqs concurrent greedy generations."""
+    """Aggregate decode tok/s of n_seqs concurrent greedy generations, counted as llama-batched-bench
+    counts its S_TG: the tokens decoded once every sequence has its prompt in (its first token out),
+    over the time from then to the last token. Prefill stays out of it, as it does of single-stream
+    decode."""
     n_vocab = llm.info["n_vocab"]
     prompts = [[int(t) for t in rng.integers(100, n_vocab - 100, size=8)] for _ in range(n_seqs)]
-    counts = [0] * n_seqs
-    barrier = threading.Barrier(n_seqs + 1)
+    stamps: list[list[float]] = [[] for _ in range(n_seqs)]
+    barrier = threading.Barrier(n_seqs)
 
     def work(i: int) -> None:
         barrier.wait()
-        counts[i] = llm.complete(prompts[i], max_tokens=n_gen, temperature=0.0, ignore_eos=True).usage.completion_tokens
+        for chunk in llm.generate(prompts[i], max_tokens=n_gen, temperature=0.0, ignore_eos=True):
+            if chunk.tokens:
+                stamps[i].extend([time.perf_counter()] * len(chunk.tokens))
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(n_seqs)]
     for t in threads:
         t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
     for t in threads:
         t.join()
-    return sum(counts) / (time.perf_counter() - t0)
+    start = max(s[0] for s in stamps)   # every sequence is decoding from here on
+    end = max(s[-1] for s in stamps)
+    decoded = sum(sum(1 for t in s if t > start) for s in stamps)
+    return decoded / (end - start)
+
+
+def batched_bench(engine: str, model: Path, threads: int, n_gen: int, concurrency: list[int], n_ctx: int) -> dict[int, float]:
+    """The fork's own llama-batched-bench: S_TG (aggregate decode tok/s) for each sequence count, with
+    the same 8-token prompts, context, batch sizes and flash-attention setting as pylocalai's runs."""
+    cmd = [str(tool_path(engine, "llama-batched-bench")), "-m", str(model), "-t", str(threads), "-c", str(n_ctx),
+           "-b", "512", "-ub", "512", "-npp", "8", "-ntg", str(n_gen), "-npl", ",".join(map(str, concurrency)),
+           "-fa", FLASH_ATTN[engine]]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800)
+    speeds: dict[int, float] = {}
+    # its Markdown table: | PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s |
+    for line in (out.stdout + out.stderr).splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 10 and cells[0].isdigit():
+            speeds[int(cells[2])] = float(cells[7])
+    missing = set(concurrency) - set(speeds)
+    if missing:
+        raise RuntimeError(f"llama-batched-bench gave no row for {sorted(missing)}:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+    return speeds
 
 
 def clean(llm: Any) -> None:
@@ -122,6 +148,7 @@ def bench_engine(engine: str, model: Path, threads: int, repeats: int, n_prompt:
     our_pp: list[float] = []
     our_tg: list[float] = []
     agg: dict[int, list[float]] = {c: [] for c in concurrency}
+    ref_agg: dict[int, list[float]] = {c: [] for c in concurrency}
     # per-sequence KV: each of the max(concurrency) slots gets room for the prompt and the generation
     n_ctx = max(concurrency) * 1024 * ((n_prompt + n_gen) // 1024 + 1)
     with Llama(model, backend=ENGINES[engine], n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
@@ -135,17 +162,21 @@ def bench_engine(engine: str, model: Path, threads: int, repeats: int, n_prompt:
             pp, tg = ours_single(llm, rng, n_prompt, n_gen)
             our_pp.append(pp)
             our_tg.append(tg)
+            for c, v in batched_bench(engine, model, threads, n_gen, concurrency, n_ctx).items():
+                ref_agg[c].append(v)
             for c in concurrency:
                 clean(llm)
                 agg[c].append(ours_aggregate(llm, rng, c, n_gen))
             print(f"  {model.name} [{engine}] repeat {r + 1}/{repeats}: llama-bench pp {ref_pp[-1]:.1f} "
                   f"tg {ref_tg[-1]:.1f} | pylocalai pp {our_pp[-1]:.1f} tg {our_tg[-1]:.1f} | agg "
-                  + " ".join(f"{c}:{agg[c][-1]:.1f}" for c in concurrency), file=sys.stderr, flush=True)
+                  + " ".join(f"{c}:{agg[c][-1]:.1f}" for c in concurrency) + " | llama-batched-bench agg "
+                  + " ".join(f"{c}:{ref_agg[c][-1]:.1f}" for c in concurrency), file=sys.stderr, flush=True)
         info = {k: llm.info[k] for k in ("architecture", "description", "n_params", "size_bytes")}
     res: dict[str, Any] = {
         "engine": engine,
         "info": info,
         "llama_bench": {"pp": summary(ref_pp), "tg": summary(ref_tg)},
+        "llama_batched_bench": {"aggregate": {str(c): summary(v) for c, v in ref_agg.items()}},
         "pylocalai": {"pp": summary(our_pp), "tg": summary(our_tg),
                       "aggregate": {str(c): summary(v) for c, v in agg.items()}},
     }
@@ -154,6 +185,11 @@ def bench_engine(engine: str, model: Path, threads: int, repeats: int, n_prompt:
         "tg": res["pylocalai"]["tg"]["median"] / res["llama_bench"]["tg"]["median"],
         **{f"aggregate_{c}_vs_single": res["pylocalai"]["aggregate"][str(c)]["median"] / res["pylocalai"]["tg"]["median"]
            for c in concurrency},
+        **{f"aggregate_{c}_vs_batched_bench": res["pylocalai"]["aggregate"][str(c)]["median"]
+           / res["llama_batched_bench"]["aggregate"][str(c)]["median"] for c in concurrency},
+        # the fork's own batching gain, the ceiling the engine's kernels allow on this machine
+        **{f"batched_bench_{c}_vs_1": res["llama_batched_bench"]["aggregate"][str(c)]["median"]
+           / res["llama_batched_bench"]["aggregate"]["1"]["median"] for c in concurrency if "1" in res["llama_batched_bench"]["aggregate"]},
     }
     return res
 
@@ -211,6 +247,16 @@ def main() -> int:
                   f"{r['ratios']['pp']:.3f} | {fmt(r['llama_bench']['tg'])} | {fmt(r['pylocalai']['tg'])} | "
                   f"{r['ratios']['tg']:.3f} | " + " | ".join(fmt(a[str(c)]) for c in args.concurrency)
                   + f" | {r['ratios'].get('aggregate_4_vs_single', float('nan')):.2f} |")
+    print("\nAggregate decode (continuous batching) vs the fork's own llama-batched-bench (S_TG), same sequences:")
+    print("| model | engine | " + " | ".join(f"batched-bench x{c}" for c in args.concurrency)
+          + " | " + " | ".join(f"pylocalai / batched-bench x{c}" for c in args.concurrency) + " | batched-bench x4 / x1 |")
+    print("|---" * (2 + 2 * len(args.concurrency) + 1) + "|")
+    for res in results:
+        for engine, r in res["engines"].items():
+            b = r["llama_batched_bench"]["aggregate"]
+            print(f"| {res['model']} | {engine} | " + " | ".join(fmt(b[str(c)]) for c in args.concurrency) + " | "
+                  + " | ".join(f"{r['ratios'][f'aggregate_{c}_vs_batched_bench']:.2f}" for c in args.concurrency)
+                  + f" | {r['ratios'].get('batched_bench_4_vs_1', float('nan')):.2f} |")
     for res in results:
         if "ik_vs_llama_cpp" in res:
             x = res["ik_vs_llama_cpp"]

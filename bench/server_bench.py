@@ -425,6 +425,12 @@ def bench_model(model: Path, args: argparse.Namespace) -> dict[str, Any]:
         kinds.append(LlamaCppPythonServer)
     servers = [k(settings, workdir) for k in kinds]
     scenarios = make_scenarios(args)
+    if args.scenarios:
+        unknown = set(args.scenarios) - {s.name for s in scenarios}
+        if unknown:
+            raise SystemExit(f"unknown scenario(s): {', '.join(sorted(unknown))}; "
+                             f"known: {', '.join(s.name for s in scenarios)}")
+        scenarios = [s for s in scenarios if s.name in args.scenarios]
     raw: dict[str, dict[str, list[dict[str, Any]]]] = {s.name: {srv.name: [] for srv in servers} for s in scenarios}
     try:
         for srv in servers:
@@ -666,6 +672,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefix-warm", type=int, default=4, help="warm requests after the cold one")
     ap.add_argument("--prefill-words", type=int, default=1800, help="long prompt length (~2,000 tokens)")
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per run; requests left over are errors")
+    ap.add_argument("--scenarios", nargs="+", metavar="NAME",
+                    help="run only these scenarios (c1 c4 c8 prefix prefill messages-c1 ...); default: all")
     ap.add_argument("--llama-cpp-python", choices=("auto", "yes", "no"), default="auto")
     ap.add_argument("--smoke", action="store_true", help="one short scenario, one repeat (CI keeps the harness working)")
     ap.add_argument("--keep-logs", action="store_true", help="keep the servers' work folder and logs")

@@ -1,0 +1,50 @@
+"""The engine benchmark's references run and parse: each fork's llama-batched-bench, built from the
+same tree, on the tiny model. This keeps bench/engine_bench.py's batched-decode column working; it
+asserts no speed (speed targets live in bench/, measured side by side)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from tests.conftest import ENGINES, _engine_module, _engine_tool
+from tests.ggufgen import ROOT
+
+
+def _engine_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("engine_bench", ROOT / "bench" / "engine_bench.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("engine_bench", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_batched_bench_reference_parses(backend: str, tiny_llama: Path) -> None:
+    key = ENGINES[backend]
+    _engine_tool(_engine_module(key), "llama-batched-bench", key)  # skips with the reason when not built
+    eb = _engine_bench()
+    speeds = eb.batched_bench(key, tiny_llama, 2, 4, [1, 2, 3], 256)
+    # one S_TG figure per sequence count asked for, each a real rate
+    assert sorted(speeds) == [1, 2, 3]
+    assert all(math.isfinite(v) and v > 0 for v in speeds.values()), speeds
+
+
+def test_batched_bench_reports_missing_rows(tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tool output without the table (e.g. a fork that changed its format) is an error naming the
+    missing sequence counts, not a silently empty column."""
+    eb = _engine_bench()
+
+    class Done:
+        stdout = "llama_batched_bench: n_kv_max = 256\n"
+        stderr = ""
+
+    monkeypatch.setattr(eb, "tool_path", lambda engine, name: Path(name))
+    monkeypatch.setattr(eb.subprocess, "run", lambda *a, **k: Done())
+    with pytest.raises(RuntimeError, match=r"no row for \[1, 4\]"):
+        eb.batched_bench("llama_cpp", tiny_llama, 2, 4, [1, 4], 256)
