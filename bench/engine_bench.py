@@ -52,10 +52,13 @@ def tool_path(engine: str, name: str) -> Path:
     return path
 
 
+LLAMA_BENCH_REPS = 3  # llama-bench's -r: its figures are the mean over this many repetitions
+
+
 def llama_bench(engine: str, model: Path, threads: int, n_prompt: int, n_gen: int) -> tuple[float, float]:
-    """(pp tok/s, tg tok/s) from one llama-bench invocation (its own mean of 3 repetitions)."""
+    """(pp tok/s, tg tok/s) from one llama-bench invocation (its own mean of LLAMA_BENCH_REPS repetitions)."""
     cmd = [str(tool_path(engine, "llama-bench")), "-m", str(model), "-t", str(threads), "-p", str(n_prompt),
-           "-n", str(n_gen), "-r", "3", "-o", "json", *BENCH_ARGS[engine]]
+           "-n", str(n_gen), "-r", str(LLAMA_BENCH_REPS), "-o", "json", *BENCH_ARGS[engine]]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800).stdout
     rows = json.loads(out)
     pp = next(r["avg_ts"] for r in rows if r["n_prompt"] == n_prompt and r["n_gen"] == 0)
@@ -63,22 +66,28 @@ def llama_bench(engine: str, model: Path, threads: int, n_prompt: int, n_gen: in
     return float(pp), float(tg)
 
 
-def ours_single(llm: Any, rng: np.random.Generator, n_prompt: int, n_gen: int) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s) for one request: a fresh random prompt, greedy, fixed length."""
+def ours_single(llm: Any, rng: np.random.Generator, n_prompt: int, n_gen: int, reps: int = LLAMA_BENCH_REPS) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) for one request at a time: a fresh random prompt, greedy, fixed
+    length. Like llama-bench, each figure is the mean rate over `reps` repetitions."""
     n_vocab = llm.info["n_vocab"]
-    # prefill: a prompt no slot has cached, one sampled token
-    prompt = [int(t) for t in rng.integers(100, n_vocab - 100, size=n_prompt)]
-    t0 = time.perf_counter()
-    llm.complete(prompt, max_tokens=1, temperature=0.0)
-    pp = n_prompt / (time.perf_counter() - t0)
-    clean(llm)
-    # decode: from a 1-token prompt, as llama-bench's tg starts from an empty cache
-    stamps: list[float] = []
-    for chunk in llm.generate([int(rng.integers(100, n_vocab - 100))], max_tokens=n_gen, temperature=0.0, ignore_eos=True):
-        if chunk.tokens:
-            stamps.extend([time.perf_counter()] * len(chunk.tokens))
-    tg = (len(stamps) - 1) / (stamps[-1] - stamps[0])
-    return pp, tg
+    pps: list[float] = []
+    tgs: list[float] = []
+    for _ in range(reps):
+        # prefill: a prompt no slot has cached, one sampled token
+        prompt = [int(t) for t in rng.integers(100, n_vocab - 100, size=n_prompt)]
+        t0 = time.perf_counter()
+        llm.complete(prompt, max_tokens=1, temperature=0.0)
+        pps.append(n_prompt / (time.perf_counter() - t0))
+        clean(llm)
+    for _ in range(reps):
+        # decode: from a 1-token prompt, as llama-bench's tg starts from an empty cache
+        stamps: list[float] = []
+        for chunk in llm.generate([int(rng.integers(100, n_vocab - 100))], max_tokens=n_gen, temperature=0.0, ignore_eos=True):
+            if chunk.tokens:
+                stamps.extend([time.perf_counter()] * len(chunk.tokens))
+        tgs.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        clean(llm)
+    return statistics.fmean(pps), statistics.fmean(tgs)
 
 
 def ours_aggregate(llm: Any, rng: np.random.Generator, n_seqs: int, n_gen: int) -> float:
@@ -153,7 +162,7 @@ def bench_engine(engine: str, model: Path, threads: int, repeats: int, n_prompt:
     n_ctx = max(concurrency) * 1024 * ((n_prompt + n_gen) // 1024 + 1)
     with Llama(model, backend=ENGINES[engine], n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
                n_parallel=max(concurrency), flash_attn=FLASH_ATTN[engine]) as llm:
-        ours_single(llm, rng, 64, 8)  # warm-up: page the weights in, build the graphs
+        ours_single(llm, rng, 64, 8, reps=1)  # warm-up: page the weights in, build the graphs
         for r in range(repeats):
             pp, tg = llama_bench(engine, model, threads, n_prompt, n_gen)
             ref_pp.append(pp)
