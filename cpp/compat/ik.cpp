@@ -1,6 +1,7 @@
 // compat layer for ik_llama.cpp: the older llama.cpp API (model-based vocab calls, ctx-based KV
 // calls, no sampler chain) plus ik's own model and context knobs.
 #include "compat/compat.hpp"
+#include "compat/shared.hpp"
 
 #include "chat.h"
 #include "common.h"
@@ -68,18 +69,13 @@ void check_cpu() {
 #endif
 }
 
+// ik accepts only the cache types it lists (it has more than upstream, and some that it cannot use)
 ggml_type cache_type_from_name(const std::string & name) {
     const auto names = cache_type_names();
-    if (std::find(names.begin(), names.end(), name) != names.end()) {
-        for (int i = 0; i < GGML_TYPE_COUNT; ++i) {
-            const auto t = static_cast<ggml_type>(i);
-            const char * tn = ggml_type_name(t);
-            if (tn != nullptr && name == tn) {
-                return t;
-            }
-        }
+    if (std::find(names.begin(), names.end(), name) == names.end()) {
+        throw std::invalid_argument("unknown KV cache type '" + name + "'");
     }
-    throw std::invalid_argument("unknown KV cache type '" + name + "'");
+    return ggml_type_from_name(name);
 }
 
 struct Templates {
@@ -87,20 +83,15 @@ struct Templates {
     bool supports_thinking = false;  // enable_thinking changes what the template renders
 };
 
-std::mutex g_tmpl_mutex;
-std::map<std::pair<const llama_model *, std::string>, Templates> g_templates;
+PerModelCache<Templates> g_templates;
 
 const Templates & templates_for(llama_model * model, const std::string & override_src) {
-    std::lock_guard<std::mutex> lock(g_tmpl_mutex);
-    auto key = std::make_pair(static_cast<const llama_model *>(model), override_src);
-    auto it = g_templates.find(key);
-    if (it == g_templates.end()) {
+    return g_templates.get(model, override_src, [&] {
         Templates t;
         t.tmpls = common_chat_templates_init(model, override_src);
         t.supports_thinking = common_chat_templates_support_enable_thinking(t.tmpls.get());
-        it = g_templates.emplace(key, std::move(t)).first;
-    }
-    return it->second;
+        return t;
+    });
 }
 
 std::string model_arch(const llama_model * model) {
@@ -142,14 +133,8 @@ llama_model * load_model(const ModelParams & p) {
     mp.use_mlock = p.use_mlock;
     mp.check_tensors = p.check_tensors;
     mp.vocab_only = p.vocab_only;
-    std::vector<float> split(llama_max_devices(), 0.0f);
-    if (!p.tensor_split.empty()) {
-        if (p.tensor_split.size() > split.size()) {
-            throw std::invalid_argument("tensor_split has more entries than this build supports devices");
-        }
-        std::copy(p.tensor_split.begin(), p.tensor_split.end(), split.begin());
-        mp.tensor_split = split.data();
-    }
+    std::vector<float> split;
+    mp.tensor_split = tensor_split_into(p.tensor_split, split);
     std::string rpc;  // ik takes the servers as one comma-separated string
     for (const auto & endpoint : p.rpc_servers) {
         rpc += (rpc.empty() ? "" : ",") + endpoint;
@@ -176,31 +161,16 @@ llama_model * load_model(const ModelParams & p) {
 }
 
 void free_model(llama_model * model) {
-    {
-        std::lock_guard<std::mutex> lock(g_tmpl_mutex);
-        for (auto it = g_templates.begin(); it != g_templates.end();) {
-            it = it->first.first == model ? g_templates.erase(it) : std::next(it);
-        }
-    }
+    g_templates.forget(model);
     llama_free_model(model);
 }
 
 void fill_model_info(llama_model * model, ModelInfo & info) {
-    const llama_vocab * vocab = llama_model_get_vocab(model);
-    char buf[512];
+    fill_shared_model_info(model, info);
     info.architecture = model_arch(model);
-    llama_model_desc(model, buf, sizeof(buf));
-    info.description = buf;
     info.n_ctx_train = llama_n_ctx_train(model);
-    info.n_vocab = llama_vocab_n_tokens(vocab);
-    info.n_embd = llama_model_n_embd(model);
     info.n_layer = llama_n_layer(model);
-    info.n_params = llama_model_n_params(model);
-    info.size_bytes = llama_model_size(model);
-    info.bos = llama_vocab_bos(vocab);
-    info.eos = llama_vocab_eos(vocab);
     info.eot = llama_token_eot(model);
-    info.add_bos = llama_vocab_get_add_bos(vocab);
 }
 
 llama_context * new_context(llama_model * model, const ContextParams & p, TraceFn trace, void * trace_data) {

@@ -1,5 +1,6 @@
 // compat layer for upstream llama.cpp (and forks that keep its API, such as turboquant).
 #include "compat/compat.hpp"
+#include "compat/shared.hpp"
 
 #include "chat.h"
 #include "common.h"
@@ -19,17 +20,6 @@ namespace {
 
 std::once_flag g_backend_once;
 
-
-ggml_type cache_type_from_name(const std::string & name) {
-    for (int i = 0; i < GGML_TYPE_COUNT; ++i) {
-        const auto t = static_cast<ggml_type>(i);
-        const char * tn = ggml_type_name(t);
-        if (tn != nullptr && name == tn) {
-            return t;
-        }
-    }
-    throw std::invalid_argument("unknown KV cache type '" + name + "'");
-}
 
 void add_rpc_servers(const std::vector<std::string> & servers) {
     if (servers.empty()) {
@@ -53,17 +43,10 @@ void add_rpc_servers(const std::vector<std::string> & servers) {
     }
 }
 
-std::mutex g_tmpl_mutex;
-std::map<std::pair<const llama_model *, std::string>, common_chat_templates_ptr> g_templates;
+PerModelCache<common_chat_templates_ptr> g_templates;
 
 const common_chat_templates * templates_for(llama_model * model, const std::string & override_src) {
-    std::lock_guard<std::mutex> lock(g_tmpl_mutex);
-    auto key = std::make_pair(static_cast<const llama_model *>(model), override_src);
-    auto it = g_templates.find(key);
-    if (it == g_templates.end()) {
-        it = g_templates.emplace(key, common_chat_templates_init(model, override_src)).first;
-    }
-    return it->second.get();
+    return g_templates.get(model, override_src, [&] { return common_chat_templates_init(model, override_src); }).get();
 }
 
 // ModelParams/ContextParams carry ik_llama.cpp's own knobs too; this fork has none of them.
@@ -133,45 +116,25 @@ llama_model * load_model(const ModelParams & p) {
                               : (p.use_mlock ? LLAMA_LOAD_MODE_MLOCK : LLAMA_LOAD_MODE_NONE);
     mp.check_tensors = p.check_tensors;
     mp.vocab_only = p.vocab_only;
-    std::vector<float> split(llama_max_devices(), 0.0f);
-    if (!p.tensor_split.empty()) {
-        if (p.tensor_split.size() > split.size()) {
-            throw std::invalid_argument("tensor_split has more entries than this build supports devices");
-        }
-        std::copy(p.tensor_split.begin(), p.tensor_split.end(), split.begin());
-        mp.tensor_split = split.data();
-    }
+    std::vector<float> split;
+    mp.tensor_split = tensor_split_into(p.tensor_split, split);
     return llama_model_load_from_file(p.path.c_str(), mp);
 }
 
 void free_model(llama_model * model) {
-    {
-        std::lock_guard<std::mutex> lock(g_tmpl_mutex);
-        for (auto it = g_templates.begin(); it != g_templates.end();) {
-            it = it->first.first == model ? g_templates.erase(it) : std::next(it);
-        }
-    }
+    g_templates.forget(model);
     llama_model_free(model);
 }
 
 void fill_model_info(llama_model * model, ModelInfo & info) {
-    const llama_vocab * vocab = llama_model_get_vocab(model);
+    fill_shared_model_info(model, info);
     char buf[512];
     if (llama_model_meta_val_str(model, "general.architecture", buf, sizeof(buf)) >= 0) {
         info.architecture = buf;
     }
-    llama_model_desc(model, buf, sizeof(buf));
-    info.description = buf;
     info.n_ctx_train = llama_model_n_ctx_train(model);
-    info.n_vocab = llama_vocab_n_tokens(vocab);
-    info.n_embd = llama_model_n_embd(model);
     info.n_layer = llama_model_n_layer(model);
-    info.n_params = llama_model_n_params(model);
-    info.size_bytes = llama_model_size(model);
-    info.bos = llama_vocab_bos(vocab);
-    info.eos = llama_vocab_eos(vocab);
-    info.eot = llama_vocab_eot(vocab);
-    info.add_bos = llama_vocab_get_add_bos(vocab);
+    info.eot = llama_vocab_eot(llama_model_get_vocab(model));
 }
 
 llama_context * new_context(llama_model * model, const ContextParams & p, TraceFn trace, void * trace_data) {
@@ -186,8 +149,8 @@ llama_context * new_context(llama_model * model, const ContextParams & p, TraceF
     cp.n_threads_batch = p.n_threads_batch > 0 ? p.n_threads_batch : cp.n_threads;
     cp.flash_attn_type = p.flash_attn < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO
                         : (p.flash_attn == 0 ? LLAMA_FLASH_ATTN_TYPE_DISABLED : LLAMA_FLASH_ATTN_TYPE_ENABLED);
-    cp.type_k = cache_type_from_name(p.type_k);
-    cp.type_v = cache_type_from_name(p.type_v);
+    cp.type_k = ggml_type_from_name(p.type_k);
+    cp.type_v = ggml_type_from_name(p.type_v);
     cp.kv_unified = p.kv_unified;
     cp.swa_full = p.swa_full;
     cp.embeddings = p.embeddings;
