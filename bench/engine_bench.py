@@ -26,6 +26,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -123,7 +124,9 @@ def batched_bench(engine: str, model: Path, threads: int, n_gen: int, concurrenc
     cmd = [str(tool_path(engine, "llama-batched-bench")), "-m", str(model), "-t", str(threads), "-c", str(n_ctx),
            "-b", "512", "-ub", "512", "-npp", "8", "-ntg", str(n_gen), "-npl", ",".join(map(str, concurrency)),
            "-fa", FLASH_ATTN[engine]]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800)
+    # in a scratch directory: ik_llama.cpp's build of it writes ./llama.log
+    with tempfile.TemporaryDirectory(prefix="batched-bench-") as scratch:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800, cwd=scratch)
     speeds: dict[int, float] = {}
     # its Markdown table: | PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s |
     for line in (out.stdout + out.stderr).splitlines():

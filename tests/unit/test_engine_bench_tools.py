@@ -25,11 +25,15 @@ def _engine_bench() -> ModuleType:
     return mod
 
 
-def test_batched_bench_reference_parses(backend: str, tiny_llama: Path) -> None:
+def test_batched_bench_reference_parses(backend: str, tiny_llama: Path, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
     key = ENGINES[backend]
     _engine_tool(_engine_module(key), "llama-batched-bench", key)  # skips with the reason when not built
     eb = _engine_bench()
+    monkeypatch.chdir(tmp_path)
     speeds = eb.batched_bench(key, tiny_llama, 2, 4, [1, 2, 3], 256)
+    # the tool leaves nothing in the caller's directory (ik's build writes ./llama.log)
+    assert list(tmp_path.iterdir()) == []
     # one S_TG figure per sequence count asked for, each a real rate
     assert sorted(speeds) == [1, 2, 3]
     assert all(math.isfinite(v) and v > 0 for v in speeds.values()), speeds
