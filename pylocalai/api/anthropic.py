@@ -30,6 +30,7 @@ from pylocalai.api.wire import (
     get_list,
     get_str,
     sse_event,
+    template_value,
 )
 from pylocalai.engine.chat import AnswerStream, parse_answer
 from pylocalai.engine.media import MEDIA_MARKER, MediaRef
@@ -210,9 +211,8 @@ class MessagesCall:
         meta = body.get("metadata")
         if meta is not None and not isinstance(meta, dict):
             raise InvalidRequestError("'metadata' must be an object", param="metadata")
-        # metadata keys reach the chat template; "true"/"false" strings become booleans, as on chat completions
-        self.template_kwargs = {str(k): {"true": True, "false": False}.get(v, v) if isinstance(v, str) else v
-                                for k, v in (meta or {}).items() if k != "user_id"}
+        # metadata keys reach the chat template, as on chat completions
+        self.template_kwargs = {str(k): template_value(v) for k, v in (meta or {}).items() if k != "user_id"}
         if thinking is not None:
             self.template_kwargs.setdefault("enable_thinking", self.thinking)
         self.stream = bool(get_bool(body, "stream", False))

@@ -35,6 +35,7 @@ from pylocalai.api.wire import (
     get_stop,
     get_str,
     sse_data,
+    template_value,
 )
 from pylocalai.engine.chat import AnswerDelta, AnswerStream, parse_answer
 from pylocalai.engine.media import content_parts
@@ -221,7 +222,7 @@ class ChatCall:
         self.template_kwargs = dict(kwargs) if isinstance(kwargs, dict) else {}
         if self.metadata:
             for k, v in self.metadata.items():
-                self.template_kwargs.setdefault(k, {"true": True, "false": False}.get(v, v))
+                self.template_kwargs.setdefault(k, template_value(v))
         self.enable_thinking = self.reasoning_effort != "none" and self.template_kwargs.get("enable_thinking", True) is not False
         self.id = "chatcmpl-" + uuid.uuid4().hex
         self.created = int(time.time())

@@ -110,6 +110,12 @@ def get_logit_bias(obj: dict[str, Any], key: str = "logit_bias") -> tuple[tuple[
     return tuple(out)
 
 
+def template_value(v: Any) -> Any:
+    """A metadata value as a chat template sees it: the strings "true"/"false" (metadata maps hold
+    strings) become booleans, so `{"enable_thinking": "false"}` turns thinking off."""
+    return {"true": True, "false": False}.get(v, v) if isinstance(v, str) else v
+
+
 def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
