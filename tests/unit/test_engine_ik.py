@@ -8,6 +8,9 @@ tests/e2e/test_smollm2.py) already runs every other feature on this engine.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -274,3 +277,33 @@ def test_the_chat_parser_writes_no_log_file(ik_engine: Any, tiny_qwen: Path, tmp
             msg = llm.parse_rendered(partial, rendered, is_partial=True)
             assert isinstance(msg, dict)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_cpu_without_avx2_gets_a_clear_error_not_a_crash(ik_engine: Any, tiny_q8: Path) -> None:
+    # PYLOCALAI_HIDE_CPU_FEATURE makes the engine's CPU check see a CPU that lacks the named extension
+    code = ("from pylocalai import EngineUnavailableError, Llama\n"
+            "from pylocalai.engine.backend import available_engines\n"
+            "print('engines', available_engines())\n"
+            f"try:\n    Llama({str(tiny_q8)!r}, backend='ik-llama-cpp', n_ctx=256)\n"
+            "except EngineUnavailableError as exc:\n    print('error', exc)\n"
+            f"with Llama({str(tiny_q8)!r}, n_ctx=256, n_parallel=1) as llm:\n"
+            "    print('llama.cpp', llm.complete('Hi', max_tokens=2, ignore_eos=True).usage.completion_tokens)\n")
+    env = {**os.environ, "PYLOCALAI_HIDE_CPU_FEATURE": "AVX2"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert "engines ['llama_cpp']" in lines  # ik is listed as unavailable, the other engine still is
+    assert any(line.startswith("error the ik_llama_cpp engine cannot run here: ik_llama.cpp needs a CPU with AVX2")
+               and line.endswith("this CPU lacks AVX2. Use the llama-cpp backend instead.") for line in lines), run.stdout
+    assert "llama.cpp 2" in lines  # the process lives on and serves with the llama.cpp engine
+
+
+def test_settings_that_would_abort_ik_are_refused(ik_engine: Any, tiny_q8: Path, tiny_q8_wide: Path) -> None:
+    # ik's flash attention asserts once a second sequence shares the cache: refused before it can end the process
+    with pytest.raises(InvalidRequestError, match=r"flash_attn with more than one sequence \(n_seq_max > 1\) aborts"):
+        Llama(tiny_q8, backend=IK, n_ctx=256, n_parallel=2, flash_attn="on")
+    with pytest.raises(InvalidRequestError, match="a quantized V cache needs flash attention"):
+        Llama(tiny_q8_wide, backend=IK, n_ctx=256, n_parallel=2, cache_type_v="q8_0")
+    # the allowed combination: one sequence, flash attention on, quantized V
+    with Llama(tiny_q8_wide, backend=IK, n_ctx=256, n_parallel=1, n_threads=2, flash_attn="on", cache_type_v="q8_0") as llm:
+        assert llm.complete("Hi", max_tokens=3, ignore_eos=True).usage.completion_tokens == 3

@@ -106,6 +106,57 @@ def test_logit_bias_forces_a_token(llm: Llama) -> None:
     assert out.tokens == (target,) * 3
 
 
+HOT: dict[str, Any] = {"max_tokens": 24, "temperature": 2.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "ignore_eos": True}
+
+
+@pytest.mark.parametrize("cut", [{"top_k": 1}, {"top_p": 0.0}, {"min_p": 1.0}], ids=["top_k", "top_p", "min_p"])
+def test_truncation_samplers_that_keep_one_token_give_greedy(llm: Llama, cut: dict[str, float]) -> None:
+    greedy = llm.complete("x y z", max_tokens=24, temperature=0.0, ignore_eos=True).tokens
+    free = [llm.complete("x y z", seed=s, **HOT).tokens for s in range(3)]
+    assert all(t != greedy for t in free)  # at temperature 2 the seeds really do draw other tokens
+    # top_k 1, top_p 0 and min_p 1 each keep only the most likely token, whatever the seed and temperature
+    assert [llm.complete("x y z", seed=s, **{**HOT, **cut}).tokens for s in range(3)] == [greedy] * 3
+
+
+def test_typical_p_truncates_before_the_draw(llm: Llama) -> None:
+    free = {llm.complete("x y z", seed=s, **HOT).tokens for s in range(3)}
+    assert len(free) == 3
+    # a tiny typical mass keeps one candidate (the most "typical", not necessarily the most likely): the seed no longer matters
+    typical = {llm.complete("x y z", seed=s, **{**HOT, "typical_p": 1e-6}).tokens for s in range(3)}
+    assert len(typical) == 1
+
+
+def _favoured(llm: Llama) -> tuple[int, int, dict[int, float]]:
+    """Two tokens (not in the prompt "x y z") biased so that plain greedy repeats the first one forever."""
+    a, b = 1000, 2000
+    assert not {a, b} & (set(llm.tokenize("x y z")) | set(llm.info["eog_tokens"]))
+    return a, b, {a: 10.0, b: 9.0}
+
+
+def test_presence_and_frequency_penalties_stop_repeats_within_the_window(llm: Llama) -> None:
+    a, b, bias = _favoured(llm)
+    kw: dict[str, Any] = {"max_tokens": 16, "temperature": 0.0, "ignore_eos": True, "logit_bias": bias}
+    assert llm.complete("x y z", **kw).tokens == (a,) * 16
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        out = llm.complete("x y z", **kw, **{penalty: 1000.0}).tokens
+        assert out[:2] == (a, b)  # the favourite once, then the runner-up, then other tokens
+        assert len(set(out)) == 16, penalty
+        # a window of 4 tokens: the favourite comes back once it has left the window (t0 = a, t5 = a again)
+        windowed = llm.complete("x y z", **kw, **{penalty: 1000.0, "repeat_last_n": 4}).tokens
+        assert windowed[0] == windowed[5] == a, penalty
+        for i, tok in enumerate(windowed):
+            assert tok not in windowed[max(0, i - 4) : i], (penalty, i)
+
+
+def test_repeat_penalty_and_a_zero_window(llm: Llama) -> None:
+    a, b, bias = _favoured(llm)
+    kw: dict[str, Any] = {"max_tokens": 8, "temperature": 0.0, "ignore_eos": True, "logit_bias": bias}
+    out = llm.complete("x y z", **kw, repeat_penalty=1000.0).tokens
+    assert out[:2] == (a, b) and out.count(a) == 1  # the favourite's logit is divided down after one use
+    # repeat_last_n 0 turns every penalty off
+    assert llm.complete("x y z", **kw, repeat_penalty=1000.0, presence_penalty=1000.0, repeat_last_n=0).tokens == (a,) * 8
+
+
 def test_logprobs(llm: Llama) -> None:
     out = llm.complete("x", max_tokens=4, temperature=0.0, logprobs=3, ignore_eos=True)
     assert len(out.logprobs) == 4
@@ -158,10 +209,12 @@ def test_stop_string_spanning_tokens_is_cut(llm: Llama) -> None:
 def test_concurrent_generations_share_batches_and_match_solo(llm: Llama) -> None:
     prompts = ["alpha", "beta gamma", "delta", "epsilon zeta eta"]
     solo = [llm.complete(p, max_tokens=24, temperature=0.0, ignore_eos=True).tokens for p in prompts]
-    before = llm.scheduler.stats.max_seqs_per_step
+    llm.worker.call(lambda: setattr(llm.scheduler.stats, "max_seqs_per_step", 0))  # count this run's batching only
     results: dict[int, tuple[int, ...]] = {}
+    barrier = threading.Barrier(4)
 
     def work(i: int) -> None:
+        barrier.wait()
         results[i] = llm.complete(prompts[i], max_tokens=24, temperature=0.0, ignore_eos=True).tokens
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
@@ -170,7 +223,7 @@ def test_concurrent_generations_share_batches_and_match_solo(llm: Llama) -> None
     for t in threads:
         t.join()
     assert [results[i] for i in range(4)] == solo
-    assert llm.scheduler.stats.max_seqs_per_step >= 2 or before >= 2
+    assert llm.scheduler.stats.max_seqs_per_step >= 2
 
 
 def test_leaving_a_stream_early_frees_the_slot(llm: Llama) -> None:
