@@ -89,17 +89,59 @@ def test_four_concurrent_greedy_generations_equal_their_solo_output(smollm2: Lla
         t.join()
     assert smollm2.scheduler.stats.max_seqs_per_step >= 4  # they really shared decode steps
     for i in range(len(PROMPTS)):
-        ref = solo[i].tokens
-        if smollm2.engine_name == "llama_cpp":
-            assert results[i] == ref, f"prompt {i} diverged under batching"
-            continue
-        first = next((k for k in range(n) if results[i][k] != ref[k]), None)
-        if first is None:
-            continue
-        (_, best), (_, second) = solo[i].logprobs[first].top[:2]
-        assert best - second < NEAR_TIE, (f"prompt {i} diverged under batching at token {first}, where the solo "
-                                          f"run was not a near-tie (top-2 gap {best - second:.3f})")
-        assert first >= 8, f"prompt {i} diverged under batching already at token {first}"
+        assert_same_greedy(smollm2, solo[i], results[i], f"prompt {i} under batching")
+
+
+def assert_same_greedy(llm: Llama, ref: Any, got: tuple[int, ...], what: str) -> None:
+    """got equals the greedy reference (a Completion with logprobs=2): exactly on llama.cpp; on ik_llama.cpp
+    (one shared cache) up to a first divergence that must sit at a near-tie of the reference, after 8 tokens."""
+    if llm.engine_name == "llama_cpp":
+        assert got == ref.tokens, f"{what}: diverged"
+        return
+    first = next((k for k in range(len(ref.tokens)) if got[k] != ref.tokens[k]), None)
+    if first is None:
+        return
+    (_, best), (_, second) = ref.logprobs[first].top[:2]
+    assert best - second < NEAR_TIE, (f"{what}: diverged at token {first}, where the reference was not a near-tie "
+                                      f"(top-2 gap {best - second:.3f})")
+    assert first >= 8, f"{what}: diverged already at token {first}"
+
+
+def test_a_reused_prompt_prefix_gives_the_cold_output(smollm2: Llama) -> None:
+    """Prefix reuse of a slot's KV cache changes only the work, never the answer: partly shared, wholly
+    shared, and while other sequences decode in the same batch."""
+    shared = "You are a helpful assistant. You answer every question in one short, clear sentence. " * 3
+    primer, prompt = shared + "Question: what is the capital of France?", shared + "Question: why is the sky blue?"
+    n_shared = next(i for i, (x, y) in enumerate(zip(smollm2.tokenize(primer), smollm2.tokenize(prompt))) if x != y)
+    n_prompt = len(smollm2.tokenize(prompt))
+    kw: dict[str, Any] = {"max_tokens": 32, "temperature": 0.0, "ignore_eos": True}
+
+    smollm2.worker.call(smollm2.scheduler.drop_idle_caches)
+    cold = smollm2.complete(prompt, logprobs=2, **kw)
+    assert cold.usage.cached_tokens == 0
+    smollm2.worker.call(smollm2.scheduler.drop_idle_caches)
+    smollm2.complete(primer, max_tokens=8, temperature=0.0, ignore_eos=True)  # a slot now holds the shared part
+    partly = smollm2.complete(prompt, **kw)
+    assert partly.usage.cached_tokens == n_shared > 40
+    assert_same_greedy(smollm2, cold, partly.tokens, "after reusing the shared prefix")
+    wholly = smollm2.complete(prompt, **kw)  # all but the last prompt token come from the cache
+    assert wholly.usage.cached_tokens == n_prompt - 1
+    assert_same_greedy(smollm2, cold, wholly.tokens, "after reusing the whole prompt")
+
+    results: dict[int, Any] = {}
+    barrier = threading.Barrier(3)
+
+    def work(i: int, text: str) -> None:
+        barrier.wait()
+        results[i] = smollm2.complete(text, **kw)
+
+    threads = [threading.Thread(target=work, args=(i, t)) for i, t in enumerate([prompt, PROMPTS[0], PROMPTS[2]])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[0].usage.cached_tokens == n_prompt - 1
+    assert_same_greedy(smollm2, cold, results[0].tokens, "reusing the prompt while batched with two others")
 
 
 def test_cancellation_frees_the_slot(smollm2: Llama) -> None:
