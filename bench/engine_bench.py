@@ -7,9 +7,9 @@ threads:
 - single-stream decode tok/s over 128 tokens (llama-bench tg128 vs pylocalai: first -> last token),
 - aggregate decode tok/s of pylocalai with 1, 4 and 8 concurrent sequences (continuous batching),
   beside the fork's own llama-batched-bench decoding the same number of sequences (its S_TG).
-Runs alternate llama-bench / pylocalai and engine / engine; each figure is the median over repeats
-with min-max, and the ratios pylocalai / the fork's llama-bench are reported, plus pylocalai's
-ik_llama.cpp engine / its llama.cpp engine. Settings are the same on both sides of each ratio:
+Runs alternate llama-bench / pylocalai, and the engines alternate repeat by repeat (A B, then B A);
+each figure is the median over repeats with min-max, and the ratios pylocalai / the fork's
+llama-bench are reported, plus pylocalai's ik_llama.cpp engine / its llama.cpp engine. Settings are the same on both sides of each ratio:
 ik_llama.cpp runs without flash attention (pylocalai's default there, since ik's flash attention
 aborts once two sequences share the cache), so its llama-bench is given -fa 0 too.
 Results go to a JSON file and a table on stdout.
@@ -150,65 +150,89 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def bench_engine(engine: str, model: Path, threads: int, repeats: int, n_prompt: int, n_gen: int,
-                 concurrency: list[int]) -> dict[str, Any]:
-    from pylocalai import Llama
+class EngineRun:
+    """One engine on one model: its Llama stays loaded across repeats, so repeats of the engines can
+    alternate (engine A, engine B, then B, A, ...) and a slow spell of the machine hits both alike."""
 
-    rng = np.random.default_rng(0)
-    ref_pp: list[float] = []
-    ref_tg: list[float] = []
-    our_pp: list[float] = []
-    our_tg: list[float] = []
-    agg: dict[int, list[float]] = {c: [] for c in concurrency}
-    ref_agg: dict[int, list[float]] = {c: [] for c in concurrency}
-    # per-sequence KV: each of the max(concurrency) slots gets room for the prompt and the generation
-    n_ctx = max(concurrency) * 1024 * ((n_prompt + n_gen) // 1024 + 1)
-    with Llama(model, backend=ENGINES[engine], n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-               n_parallel=max(concurrency), flash_attn=FLASH_ATTN[engine]) as llm:
-        ours_single(llm, rng, 64, 8, reps=1)  # warm-up: page the weights in, build the graphs
-        for r in range(repeats):
-            pp, tg = llama_bench(engine, model, threads, n_prompt, n_gen)
-            ref_pp.append(pp)
-            ref_tg.append(tg)
+    def __init__(self, engine: str, model: Path, threads: int, n_prompt: int, n_gen: int, concurrency: list[int]) -> None:
+        from pylocalai import Llama
+
+        self.engine, self.model, self.threads = engine, model, threads
+        self.n_prompt, self.n_gen, self.concurrency = n_prompt, n_gen, concurrency
+        self.rng = np.random.default_rng(0)
+        self.ref_pp: list[float] = []
+        self.ref_tg: list[float] = []
+        self.our_pp: list[float] = []
+        self.our_tg: list[float] = []
+        self.agg: dict[int, list[float]] = {c: [] for c in concurrency}
+        self.ref_agg: dict[int, list[float]] = {c: [] for c in concurrency}
+        # per-sequence KV: each of the max(concurrency) slots gets room for the prompt and the generation
+        self.n_ctx = max(concurrency) * 1024 * ((n_prompt + n_gen) // 1024 + 1)
+        self.llm = Llama(model, backend=ENGINES[engine], n_ctx=self.n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
+                         n_parallel=max(concurrency), flash_attn=FLASH_ATTN[engine])
+        ours_single(self.llm, self.rng, 64, 8, reps=1)  # warm-up: page the weights in, build the graphs
+
+    def repeat(self, label: str) -> None:
+        """One repeat: llama-bench, then pylocalai single-stream, then batched-bench, then pylocalai batched."""
+        llm = self.llm
+        pp, tg = llama_bench(self.engine, self.model, self.threads, self.n_prompt, self.n_gen)
+        self.ref_pp.append(pp)
+        self.ref_tg.append(tg)
+        clean(llm)
+        pp, tg = ours_single(llm, self.rng, self.n_prompt, self.n_gen)
+        self.our_pp.append(pp)
+        self.our_tg.append(tg)
+        for c, v in batched_bench(self.engine, self.model, self.threads, self.n_gen, self.concurrency, self.n_ctx).items():
+            self.ref_agg[c].append(v)
+        for c in self.concurrency:
             clean(llm)
-            pp, tg = ours_single(llm, rng, n_prompt, n_gen)
-            our_pp.append(pp)
-            our_tg.append(tg)
-            for c, v in batched_bench(engine, model, threads, n_gen, concurrency, n_ctx).items():
-                ref_agg[c].append(v)
-            for c in concurrency:
-                clean(llm)
-                agg[c].append(ours_aggregate(llm, rng, c, n_gen))
-            print(f"  {model.name} [{engine}] repeat {r + 1}/{repeats}: llama-bench pp {ref_pp[-1]:.1f} "
-                  f"tg {ref_tg[-1]:.1f} | pylocalai pp {our_pp[-1]:.1f} tg {our_tg[-1]:.1f} | agg "
-                  + " ".join(f"{c}:{agg[c][-1]:.1f}" for c in concurrency) + " | llama-batched-bench agg "
-                  + " ".join(f"{c}:{ref_agg[c][-1]:.1f}" for c in concurrency), file=sys.stderr, flush=True)
-        info = {k: llm.info[k] for k in ("architecture", "description", "n_params", "size_bytes")}
-    res: dict[str, Any] = {
-        "engine": engine,
-        "info": info,
-        "llama_bench": {"pp": summary(ref_pp), "tg": summary(ref_tg)},
-        "llama_batched_bench": {"aggregate": {str(c): summary(v) for c, v in ref_agg.items()}},
-        "pylocalai": {"pp": summary(our_pp), "tg": summary(our_tg),
-                      "aggregate": {str(c): summary(v) for c, v in agg.items()}},
-    }
-    res["ratios"] = {
-        "pp": res["pylocalai"]["pp"]["median"] / res["llama_bench"]["pp"]["median"],
-        "tg": res["pylocalai"]["tg"]["median"] / res["llama_bench"]["tg"]["median"],
-        **{f"aggregate_{c}_vs_single": res["pylocalai"]["aggregate"][str(c)]["median"] / res["pylocalai"]["tg"]["median"]
-           for c in concurrency},
-        **{f"aggregate_{c}_vs_batched_bench": res["pylocalai"]["aggregate"][str(c)]["median"]
-           / res["llama_batched_bench"]["aggregate"][str(c)]["median"] for c in concurrency},
-        # the fork's own batching gain, the ceiling the engine's kernels allow on this machine
-        **{f"batched_bench_{c}_vs_1": res["llama_batched_bench"]["aggregate"][str(c)]["median"]
-           / res["llama_batched_bench"]["aggregate"]["1"]["median"] for c in concurrency if "1" in res["llama_batched_bench"]["aggregate"]},
-    }
-    return res
+            self.agg[c].append(ours_aggregate(llm, self.rng, c, self.n_gen))
+        print(f"  {self.model.name} [{self.engine}] {label}: llama-bench pp {self.ref_pp[-1]:.1f} "
+              f"tg {self.ref_tg[-1]:.1f} | pylocalai pp {self.our_pp[-1]:.1f} tg {self.our_tg[-1]:.1f} | agg "
+              + " ".join(f"{c}:{self.agg[c][-1]:.1f}" for c in self.concurrency) + " | llama-batched-bench agg "
+              + " ".join(f"{c}:{self.ref_agg[c][-1]:.1f}" for c in self.concurrency), file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.llm.close()
+
+    def result(self) -> dict[str, Any]:
+        info = {k: self.llm.info[k] for k in ("architecture", "description", "n_params", "size_bytes")}
+        res: dict[str, Any] = {
+            "engine": self.engine,
+            "info": info,
+            "llama_bench": {"pp": summary(self.ref_pp), "tg": summary(self.ref_tg)},
+            "llama_batched_bench": {"aggregate": {str(c): summary(v) for c, v in self.ref_agg.items()}},
+            "pylocalai": {"pp": summary(self.our_pp), "tg": summary(self.our_tg),
+                          "aggregate": {str(c): summary(v) for c, v in self.agg.items()}},
+        }
+        ours, batched = res["pylocalai"], res["llama_batched_bench"]["aggregate"]
+        res["ratios"] = {
+            "pp": ours["pp"]["median"] / res["llama_bench"]["pp"]["median"],
+            "tg": ours["tg"]["median"] / res["llama_bench"]["tg"]["median"],
+            **{f"aggregate_{c}_vs_single": ours["aggregate"][str(c)]["median"] / ours["tg"]["median"]
+               for c in self.concurrency},
+            **{f"aggregate_{c}_vs_batched_bench": ours["aggregate"][str(c)]["median"] / batched[str(c)]["median"]
+               for c in self.concurrency},
+            # the fork's own batching gain, the ceiling the engine's kernels allow on this machine
+            **{f"batched_bench_{c}_vs_1": batched[str(c)]["median"] / batched["1"]["median"]
+               for c in self.concurrency if "1" in batched},
+        }
+        return res
 
 
 def bench_model(engines: list[str], model: Path, threads: int, repeats: int, n_prompt: int, n_gen: int,
                 concurrency: list[int]) -> dict[str, Any]:
-    per = {e: bench_engine(e, model, threads, repeats, n_prompt, n_gen, concurrency) for e in engines}
+    runs: list[EngineRun] = []
+    try:
+        for e in engines:
+            runs.append(EngineRun(e, model, threads, n_prompt, n_gen, concurrency))
+        for r in range(repeats):
+            for run in runs if r % 2 == 0 else runs[::-1]:  # engine A then B, then B then A
+                run.repeat(f"repeat {r + 1}/{repeats}")
+        per = {run.engine: run.result() for run in runs}
+    finally:
+        for run in runs:
+            run.close()
     res: dict[str, Any] = {"model": model.name, "engines": per}
     if "ik_llama_cpp" in per and "llama_cpp" in per:
         ik, up = per["ik_llama_cpp"]["pylocalai"], per["llama_cpp"]["pylocalai"]
@@ -226,7 +250,7 @@ def fmt(s: dict[str, float]) -> str:
     return f"{s['median']:.1f} ({s['min']:.1f}-{s['max']:.1f})"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", required=True, help="a .gguf path or 'default' (repeatable)")
     ap.add_argument("--engine", action="append", choices=list(ENGINES),
@@ -237,7 +261,7 @@ def main() -> int:
     ap.add_argument("--n-gen", type=int, default=128)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "engine.json")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     from pylocalai.engine.backend import available_engines
 
     engines = args.engine or [e for e in ENGINES if e in available_engines()]

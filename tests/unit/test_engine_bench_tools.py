@@ -5,6 +5,7 @@ asserts no speed (speed targets live in bench/, measured side by side)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -52,3 +53,34 @@ def test_batched_bench_reports_missing_rows(tiny_llama: Path, monkeypatch: pytes
     monkeypatch.setattr(eb.subprocess, "run", lambda *a, **k: Done())
     with pytest.raises(RuntimeError, match=r"no row for \[1, 4\]"):
         eb.batched_bench("llama_cpp", tiny_llama, 2, 4, [1, 4], 256)
+
+
+def test_engine_bench_smoke_run(tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    """The whole engine benchmark, shrunk to one repeat on the tiny model: pylocalai's own side (prefill,
+    single-stream and batched decode through the Python API) and both references run, on every built
+    engine, and the result file holds a finite figure and ratio for each."""
+    for key in ENGINES.values():
+        for tool in ("llama-bench", "llama-batched-bench"):
+            _engine_tool(_engine_module(key), tool, key)  # skips with the reason when not built
+    eb = _engine_bench()
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "engine.json"
+    assert eb.main(["--model", str(tiny_llama), "--threads", "2", "--repeats", "2", "--n-prompt", "16",
+                    "--n-gen", "4", "--concurrency", "1", "2", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    (res,) = doc["results"]
+    assert sorted(res["engines"]) == sorted(ENGINES.values())
+    for r in res["engines"].values():
+        for side in ("llama_bench", "pylocalai"):
+            for key in ("pp", "tg"):
+                s = r[side][key]
+                assert s["n"] == 2 and 0 < s["min"] <= s["median"] <= s["max"] < math.inf, (side, key, s)
+        assert sorted(r["pylocalai"]["aggregate"]) == ["1", "2"] == sorted(r["llama_batched_bench"]["aggregate"])
+        assert all(v["n"] == 2 and v["min"] > 0 for v in r["pylocalai"]["aggregate"].values())
+        for name in ("pp", "tg", "aggregate_2_vs_single", "aggregate_2_vs_batched_bench", "batched_bench_2_vs_1"):
+            assert math.isfinite(r["ratios"][name]) and r["ratios"][name] > 0, name
+    assert set(res["ik_vs_llama_cpp"]) == {"pp", "tg"}
+    # the engines alternate: A then B in the first repeat, B then A in the second
+    order = [line.split("[")[1].split("]")[0] for line in capsys.readouterr().err.splitlines() if "] repeat " in line]
+    assert order == ["llama_cpp", "ik_llama_cpp", "ik_llama_cpp", "llama_cpp"]

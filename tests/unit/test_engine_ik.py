@@ -289,7 +289,7 @@ def test_a_cpu_without_avx2_gets_a_clear_error_not_a_crash(ik_engine: Any, tiny_
             f"with Llama({str(tiny_q8)!r}, n_ctx=256, n_parallel=1) as llm:\n"
             "    print('llama.cpp', llm.complete('Hi', max_tokens=2, ignore_eos=True).usage.completion_tokens)\n")
     env = {**os.environ, "PYLOCALAI_HIDE_CPU_FEATURE": "AVX2"}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.splitlines()
     assert "engines ['llama_cpp']" in lines  # ik is listed as unavailable, the other engine still is
