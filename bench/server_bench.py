@@ -12,7 +12,8 @@ repeats with their min-max, and ratios pylocalai / llama-server:
   (TTFT p50/p95, per-stream decode tok/s, aggregate output tok/s, errors);
 - prefix: a shared ~1,500-token system prompt; TTFT of the first (cold) request vs the warm ones;
 - prefill: one ~2,000-token prompt (prefill tok/s = prompt tokens / TTFT);
-- endpoints (pylocalai alone): c1 and c4 on /v1/messages and /v1/responses vs chat completions.
+- endpoints (pylocalai alone): every scenario above again on /v1/messages and /v1/responses, each
+  compared with the same scenario on chat completions.
 
 Output: a JSON file, a PNG plot, and a Markdown table on stdout.
 
@@ -37,6 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +122,10 @@ class Server:
 
     health_path = "/health"
 
+    def request_extra(self) -> dict[str, Any]:
+        """Fields this server needs in every request body to run the same sampling as the others."""
+        return {}
+
     def start(self, timeout: float = 300.0) -> None:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
@@ -195,6 +201,18 @@ class LlamaCppPythonServer(Server):
                 "--n_threads_batch", str(s.threads), "--n_ctx", str(s.ctx), "--seed", str(SEED),
                 "--interrupt_requests", "False"]
 
+    def request_extra(self) -> dict[str, Any]:
+        # It has no ignore_eos: a fixed-length answer comes from banning the end-of-generation tokens. Its
+        # repeat_penalty defaults to 1.1 where the other servers' default is 1.0 (none).
+        return {"repeat_penalty": 1.0, "logit_bias": {str(t): -1e4 for t in eog_tokens(self.settings.model)}}
+
+
+def eog_tokens(model: Path) -> list[int]:
+    """The model's end-of-generation token ids, read by the llama.cpp engine (vocabulary only)."""
+    import pylocalai._engines.llama_cpp as eng
+
+    return [int(t) for t in eng.Model(str(model), {"vocab_only": True}).info["eog_tokens"]]
+
 
 # ---------------------------------------------------------------------------------------------
 # load generator: streaming requests over real HTTP
@@ -207,6 +225,7 @@ class Result:
     t_last: float = math.nan
     tokens: int = 0                   # output tokens, from the usage the server reports
     prompt_tokens: int = 0
+    finish_reason: str = ""
     error: str = ""
 
     @property
@@ -216,8 +235,9 @@ class Result:
         return (self.tokens - 1) / (self.t_last - self.t_first)
 
 
-def request_body(endpoint: str, model: str, system: str | None, user: str, max_tokens: int) -> tuple[str, dict[str, Any]]:
-    common = {"model": model, "stream": True, "temperature": 0.0, "ignore_eos": True}
+def request_body(endpoint: str, model: str, system: str | None, user: str, max_tokens: int,
+                 extra: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+    common = {"model": model, "stream": True, "temperature": 0.0, "ignore_eos": True, **(extra or {})}
     if endpoint == "chat":
         msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
         return "/v1/chat/completions", {**common, "messages": msgs, "max_tokens": max_tokens, "seed": SEED,
@@ -243,6 +263,8 @@ def read_event(endpoint: str, data: dict[str, Any], res: Result) -> bool:
             res.prompt_tokens = int(data["usage"].get("prompt_tokens") or 0)
         if "error" in data:
             res.error = str(data["error"])[:200]
+        for c in data.get("choices") or []:
+            res.finish_reason = c.get("finish_reason") or res.finish_reason
         return any((c.get("delta") or {}).get("content") for c in data.get("choices") or [])
     if endpoint == "messages":
         kind = data.get("type")
@@ -264,8 +286,8 @@ def read_event(endpoint: str, data: dict[str, Any], res: Result) -> bool:
 
 
 async def one_request(client: httpx.AsyncClient, base: str, endpoint: str, model: str, system: str | None,
-                      user: str, max_tokens: int) -> Result:
-    path, body = request_body(endpoint, model, system, user, max_tokens)
+                      user: str, max_tokens: int, extra: dict[str, Any] | None = None) -> Result:
+    path, body = request_body(endpoint, model, system, user, max_tokens, extra)
     res = Result(ok=False)
     t0 = time.perf_counter()
     try:
@@ -273,21 +295,26 @@ async def one_request(client: httpx.AsyncClient, base: str, endpoint: str, model
             if resp.status_code != 200:
                 res.error = f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"
                 return res
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    break
-                now = time.perf_counter()
-                if read_event(endpoint, json.loads(payload), res):
-                    if math.isnan(res.t_first):
-                        res.t_first = now
-                        res.ttft = now - t0
-                    res.t_last = now
+            # read to the end of the body, past [DONE]: the connection stays reusable and httpx's stream
+            # generators finish instead of being left open
+            async with aclosing(resp.aiter_lines()) as lines:
+                async for line in lines:
+                    if not line.startswith("data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        continue
+                    now = time.perf_counter()
+                    if read_event(endpoint, json.loads(payload), res):
+                        if math.isnan(res.t_first):
+                            res.t_first = now
+                            res.ttft = now - t0
+                        res.t_last = now
     except (httpx.HTTPError, json.JSONDecodeError) as exc:
         res.error = f"{type(exc).__name__}: {exc}"[:200]
         return res
+    if not res.tokens and res.finish_reason == "length":
+        res.tokens = max_tokens  # a stream without usage (llama-cpp-python): "length" means max_tokens were made
     if not res.error and res.tokens != max_tokens:
         res.error = f"got {res.tokens} of {max_tokens} tokens"
     res.ok = not res.error
@@ -295,7 +322,7 @@ async def one_request(client: httpx.AsyncClient, base: str, endpoint: str, model
 
 
 async def run_load(base: str, endpoint: str, model: str, jobs: list[tuple[str | None, str]], concurrency: int,
-                   max_tokens: int, time_limit: float) -> tuple[list[Result], float]:
+                   max_tokens: int, time_limit: float, extra: dict[str, Any] | None = None) -> tuple[list[Result], float]:
     """Run `jobs` (system, user) with `concurrency` clients; returns results in job order and wall time."""
     results: list[Result] = [Result(ok=False, error="not run (time limit)") for _ in jobs]
     queue = iter(range(len(jobs)))
@@ -304,7 +331,7 @@ async def run_load(base: str, endpoint: str, model: str, jobs: list[tuple[str | 
         async def worker() -> None:
             for i in queue:
                 system, user = jobs[i]
-                results[i] = await one_request(client, base, endpoint, model, system, user, max_tokens)
+                results[i] = await one_request(client, base, endpoint, model, system, user, max_tokens, extra)
 
         t0 = time.perf_counter()
         with trio.move_on_after(time_limit):
@@ -313,6 +340,18 @@ async def run_load(base: str, endpoint: str, model: str, jobs: list[tuple[str | 
                     nursery.start_soon(worker)
         wall = time.perf_counter() - t0
     return results, wall
+
+
+async def count_prompt_tokens(server: Server, system: str | None, user: str) -> int:
+    """The prompt tokens of a chat request, from a non-streamed answer's usage: for a server whose streams
+    carry no usage (llama-cpp-python). Run after the timed request, so its prompt is cached by then."""
+    _, body = request_body("chat", server.model_name, system, user, 1, server.request_extra())
+    body["stream"] = False
+    body.pop("stream_options", None)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+        resp = await client.post(server.base + "/v1/chat/completions", json=body)
+    resp.raise_for_status()
+    return int(resp.json()["usage"]["prompt_tokens"])
 
 
 def pct(values: list[float], q: float) -> float:
@@ -369,28 +408,38 @@ def make_scenarios(args: argparse.Namespace) -> list[Scenario]:
             # a new prompt every time (numbered): servers reuse only what real traffic shares, the
             # chat template's preamble, never a whole prompt cached from an earlier run
             jobs = [(None, f"Task {endpoint}-{c}-{rep}-{i}. {PROMPTS[i % len(PROMPTS)]}") for i in range(n)]
-            res, wall = await run_load(server.base, endpoint, server.model_name, jobs, c, n_tok, limit)
+            res, wall = await run_load(server.base, endpoint, server.model_name, jobs, c, n_tok, limit,
+                                       server.request_extra())
             return load_metrics(res, wall)
         return run
 
-    async def prefix(server: Server, rep: int) -> dict[str, Any]:
-        # a system prompt no server has seen (new per repeat), then warm requests that share it
-        system = f"Session {rep}. You are a helpful assistant. Background notes follow. " + words(args.prefix_words, 1000 + rep)
-        jobs = [(system, f"Task {i}. {PROMPTS[i % len(PROMPTS)]}") for i in range(1 + args.prefix_warm)]
-        res, _ = await run_load(server.base, "chat", server.model_name, jobs, 1, 8, limit)
-        cold, warm = res[0], [r for r in res[1:] if r.ok]
-        return {"errors": sum(not r.ok for r in res), "error_samples": sorted({r.error for r in res if not r.ok})[:3],
-                "prompt_tokens": cold.prompt_tokens, "ttft_cold": cold.ttft if cold.ok else math.nan,
-                "ttft_warm_p50": pct([r.ttft for r in warm], 0.5),
-                "warm_over_cold": pct([r.ttft for r in warm], 0.5) / cold.ttft if cold.ok else math.nan}
+    def prefix(endpoint: str = "chat"):
+        async def run(server: Server, rep: int) -> dict[str, Any]:
+            # a system prompt no server has seen (new per repeat and endpoint), then warm requests that share it
+            system = (f"Session {rep} ({endpoint}). You are a helpful assistant. Background notes follow. "
+                      + words(args.prefix_words, 1000 + rep))
+            jobs = [(system, f"Task {i}. {PROMPTS[i % len(PROMPTS)]}") for i in range(1 + args.prefix_warm)]
+            res, _ = await run_load(server.base, endpoint, server.model_name, jobs, 1, 8, limit, server.request_extra())
+            cold, warm = res[0], [r for r in res[1:] if r.ok]
+            if cold.ok and not cold.prompt_tokens:
+                cold.prompt_tokens = await count_prompt_tokens(server, *jobs[0])
+            return {"errors": sum(not r.ok for r in res), "error_samples": sorted({r.error for r in res if not r.ok})[:3],
+                    "prompt_tokens": cold.prompt_tokens, "ttft_cold": cold.ttft if cold.ok else math.nan,
+                    "ttft_warm_p50": pct([r.ttft for r in warm], 0.5),
+                    "warm_over_cold": pct([r.ttft for r in warm], 0.5) / cold.ttft if cold.ok else math.nan}
+        return run
 
-    async def prefill(server: Server, rep: int) -> dict[str, Any]:
-        user = f"Request {rep}. Summarise these notes: " + words(args.prefill_words, 2000 + rep)
-        res, _ = await run_load(server.base, "chat", server.model_name, [(None, user)], 1, 1, limit)
-        r = res[0]
-        return {"errors": int(not r.ok), "error_samples": [r.error] if not r.ok else [],
-                "prompt_tokens": r.prompt_tokens, "ttft": r.ttft,
-                "prefill_tps": r.prompt_tokens / r.ttft if r.ok and r.ttft > 0 else math.nan}
+    def prefill(endpoint: str = "chat"):
+        async def run(server: Server, rep: int) -> dict[str, Any]:
+            user = f"Request {rep} ({endpoint}). Summarise these notes: " + words(args.prefill_words, 2000 + rep)
+            res, _ = await run_load(server.base, endpoint, server.model_name, [(None, user)], 1, 1, limit, server.request_extra())
+            r = res[0]
+            if r.ok and not r.prompt_tokens:
+                r.prompt_tokens = await count_prompt_tokens(server, None, user)
+            return {"errors": int(not r.ok), "error_samples": [r.error] if not r.ok else [],
+                    "prompt_tokens": r.prompt_tokens, "ttft": r.ttft,
+                    "prefill_tps": r.prompt_tokens / r.ttft if r.ok and r.ttft > 0 else math.nan}
+        return run
 
     if args.smoke:
         return [Scenario("c1", concurrency(1, n_req=2), headline=["aggregate_tps", "ttft_p50", "decode_tps_p50"])]
@@ -398,12 +447,15 @@ def make_scenarios(args: argparse.Namespace) -> list[Scenario]:
     for c in args.concurrency:
         scenarios.append(Scenario(f"c{c}", concurrency(c),
                                   headline=["aggregate_tps", "ttft_p50", "ttft_p95", "decode_tps_p50", "errors"]))
-    scenarios.append(Scenario("prefix", prefix, headline=["ttft_cold", "ttft_warm_p50", "warm_over_cold", "prompt_tokens"]))
-    scenarios.append(Scenario("prefill", prefill, headline=["prefill_tps", "ttft", "prompt_tokens"]))
-    for ep in ("messages", "responses"):
-        for c in (1, 4):
+    prefix_head, prefill_head = ["ttft_cold", "ttft_warm_p50", "warm_over_cold", "prompt_tokens"], ["prefill_tps", "ttft", "prompt_tokens"]
+    scenarios.append(Scenario("prefix", prefix(), headline=prefix_head))
+    scenarios.append(Scenario("prefill", prefill(), headline=prefill_head))
+    for ep in ("messages", "responses"):  # the same scenarios on the other protocols, pylocalai alone
+        for c in args.concurrency:
             scenarios.append(Scenario(f"{ep}-c{c}", concurrency(c, endpoint=ep), servers="pylocalai",
                                       headline=["aggregate_tps", "ttft_p50", "decode_tps_p50", "errors"]))
+        scenarios.append(Scenario(f"{ep}-prefix", prefix(ep), servers="pylocalai", headline=prefix_head))
+        scenarios.append(Scenario(f"{ep}-prefill", prefill(ep), servers="pylocalai", headline=prefill_head))
     return scenarios
 
 
@@ -476,19 +528,31 @@ def bench_model(model: Path, args: argparse.Namespace) -> dict[str, Any]:
                              for k in sc.headline
                              if k in theirs and theirs[k]["median"] not in (0, 0.0) and not math.isnan(theirs[k]["median"])}
         out["scenarios"][sc.name] = {"per_server": per_server, "ratios_pylocalai_over": ratios}
-    # overhead of the other protocols vs chat completions, same server and client count
+    # the other protocols vs chat completions: the same scenario on the same server
     over: dict[str, Any] = {}
-    for ep in ("messages", "responses"):
-        for c in (1, 4):
-            name, base = f"{ep}-c{c}", f"c{c}"
-            a = out["scenarios"].get(name, {}).get("per_server", {}).get("pylocalai")
-            b = out["scenarios"].get(base, {}).get("per_server", {}).get("pylocalai")
-            if a and b:
-                over[name] = {"aggregate_tps_ratio": a["aggregate_tps"]["median"] / b["aggregate_tps"]["median"],
-                              "ttft_p50_delta_ms": 1000 * (a["ttft_p50"]["median"] - b["ttft_p50"]["median"])}
+    for name, scn in out["scenarios"].items():
+        ep, _, base = name.partition("-")
+        a = scn.get("per_server", {}).get("pylocalai")
+        b = out["scenarios"].get(base, {}).get("per_server", {}).get("pylocalai")
+        if ep not in ("messages", "responses") or not (a and b):
+            continue
+        over[name] = {}
+        for key, kind in OVERHEAD_KEYS[base.rstrip("0123456789")]:
+            x, y = a[key]["median"], b[key]["median"]
+            over[name][key] = {"endpoint": x, "chat": y,
+                               **({"ratio": x / y} if kind == "ratio" else {"delta_ms": 1000 * (x - y)})}
     out["endpoint_overhead_vs_chat"] = over
     out["targets"] = targets(out)
     return out
+
+
+# per scenario kind, what the other protocols are compared on: a rate as a ratio, a time as a difference
+OVERHEAD_KEYS = {"c": [("aggregate_tps", "ratio"), ("decode_tps_p50", "ratio"), ("ttft_p50", "delta")],
+                 "prefix": [("ttft_cold", "delta"), ("ttft_warm_p50", "delta")],
+                 "prefill": [("prefill_tps", "ratio"), ("ttft", "delta")]}
+OVERHEAD_LABELS = {"aggregate_tps": "aggregate tok/s", "decode_tps_p50": "per-stream decode tok/s",
+                   "ttft_p50": "TTFT p50 ms", "ttft_cold": "cold TTFT ms", "ttft_warm_p50": "warm TTFT ms",
+                   "prefill_tps": "prefill tok/s", "ttft": "TTFT ms"}
 
 
 def targets(res: dict[str, Any]) -> dict[str, Any]:
@@ -560,12 +624,17 @@ def table(res: dict[str, Any]) -> str:
     lines.append("| errors (worst repeat, all scenarios) | " + " | ".join(str(errs[s]) for s in servers)
                  + " | " + " | ".join("" for _ in servers[1:]) + " |")
     if res.get("endpoint_overhead_vs_chat"):
-        lines += ["", "pylocalai's other protocols vs chat completions (same load):", "",
-                  "| scenario | aggregate tok/s | ratio to chat | TTFT p50 ms | Δ TTFT vs chat ms |", "|---|---|---|---|---|"]
-        for name, o in res["endpoint_overhead_vs_chat"].items():
+        lines += ["", "pylocalai's other protocols vs its chat completions (same scenario):", "",
+                  "| scenario | metric | this protocol | chat completions | ratio or Δ |", "|---|---|---|---|---|"]
+        for name, keys in res["endpoint_overhead_vs_chat"].items():
+            if not all(isinstance(o, dict) for o in keys.values()):
+                continue  # a result file from before this comparison covered every scenario
             per = sc[name]["per_server"]["pylocalai"]
-            lines.append(f"| {name} | {fmt(per['aggregate_tps'])} | {o['aggregate_tps_ratio']:.3f} | "
-                         f"{fmt(per['ttft_p50'], 1000)} | {o['ttft_p50_delta_ms']:+.1f} |")
+            base = sc[name.partition("-")[2]]["per_server"]["pylocalai"]
+            for key, o in keys.items():
+                scale = 1000 if key.startswith("ttft") else 1
+                cmp = f"{o['ratio']:.3f}" if "ratio" in o else f"{o['delta_ms']:+.1f} ms"
+                lines.append(f"| {name} | {OVERHEAD_LABELS[key]} | {fmt(per[key], scale)} | {fmt(base[key], scale)} | {cmp} |")
     if res.get("targets"):
         lines += ["", "Targets: " + "; ".join(
             f"{k}: {v.get('value', v.get('value_ms')):.3g}{' ms' if 'value_ms' in v else ''} "
