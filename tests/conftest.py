@@ -22,7 +22,16 @@ REQUIRE_ALL = os.environ.get("PYLOCALAI_REQUIRE_ALL", "") not in ("", "0")
 def _missing(reason: str) -> None:
     if REQUIRE_ALL:
         pytest.fail(f"PYLOCALAI_REQUIRE_ALL is set but {reason}")
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def import_or_missing(name: str) -> Any:
+    """A test dependency (an SDK, pytest-benchmark, matplotlib): skipped without it, but a failure
+    under PYLOCALAI_REQUIRE_ALL, as CI runs every test."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        _missing(f"the {name} package is not installed ({exc}); `scripts/bootstrap.sh --test` installs it")
 
 
 # the engines every engine-level test runs against: backend name -> extension module

@@ -11,6 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import import_or_missing
+
 from .test_server_openai import Server
 
 pytestmark = pytest.mark.e2e
@@ -31,7 +33,7 @@ def server(engine: Any, smollm2_path: Path, tmp_path_factory: pytest.TempPathFac
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> Iterator[Any]:
-    anthropic = pytest.importorskip("anthropic")
+    anthropic = import_or_missing("anthropic")
     with anthropic.Anthropic(base_url=server.url, api_key="secret", max_retries=0, timeout=120) as c:  # closes its connections: no socket is left for the GC to warn about
         yield c
 

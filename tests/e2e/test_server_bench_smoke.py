@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import import_or_missing
 from tests.ggufgen import ROOT
 
 pytestmark = pytest.mark.e2e
 
 
 def test_server_bench_smoke(llama_server: Path, smollm2_path: Path, tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
+    import_or_missing("matplotlib")
     out, png = tmp_path / "server.json", tmp_path / "server.png"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "server_bench.py"), "--smoke", "--model", str(smollm2_path),

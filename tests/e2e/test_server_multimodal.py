@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from tests import ggufgen
+from tests.conftest import import_or_missing
 
 from .test_server_openai import Server
 
@@ -146,7 +147,7 @@ def test_anthropic_image_blocks_base64_and_url(server: Server, image_host: str) 
 
 
 def test_anthropic_sdk_sends_an_image(server: Server) -> None:
-    anthropic = pytest.importorskip("anthropic")
+    anthropic = import_or_missing("anthropic")
     with anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0, timeout=120) as client:
         m = client.messages.create(model="vlm", max_tokens=4, messages=[{"role": "user", "content": [
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": B64_RED}},

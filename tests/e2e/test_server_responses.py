@@ -13,6 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.conftest import import_or_missing
+
 from .test_server_openai import Server
 
 pytestmark = pytest.mark.e2e
@@ -51,7 +53,7 @@ def server(engine: Any, models: Path, data_dir: Path) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> Iterator[Any]:
-    openai = pytest.importorskip("openai")
+    openai = import_or_missing("openai")
     with openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120) as c:  # closes its connections: no socket is left for the GC to warn about
         yield c
 

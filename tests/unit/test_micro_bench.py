@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
 from pylocalai.api.wire import sse_data
 from pylocalai.config.model_config import load_catalog
@@ -20,8 +19,9 @@ from pylocalai.config.prompt import render_chat
 from pylocalai.engine.scheduler import Scheduler
 from pylocalai.engine.textstream import TextAssembler
 from pylocalai.engine.types import EngineRequest, SamplingParams, TextDelta
+from tests.conftest import import_or_missing
 
-pytest.importorskip("pytest_benchmark")
+import_or_missing("pytest_benchmark")
 
 
 class NullSession:

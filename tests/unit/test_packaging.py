@@ -13,6 +13,7 @@ import pytest
 
 from pylocalai.engine.backend import available_engines, engine_key, load_engine
 from pylocalai.errors import EngineUnavailableError, InvalidRequestError
+from tests.conftest import _missing
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_extension_exports_only_its_init_function(backend: str) -> None:
     nm = shutil.which("nm")
     if nm is None:
-        pytest.skip("binutils' nm is not installed")
+        _missing("binutils' nm is not installed (it lists the extensions' exported symbols)")
     module = load_engine(backend)
     key = engine_key(backend)
     out = subprocess.run([nm, "-D", "--defined-only", module.__file__], capture_output=True, text=True, check=True).stdout
