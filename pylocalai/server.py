@@ -93,6 +93,16 @@ def create_app(settings: ServerSettings) -> QuartTrio:
         return {"error": {"message": f"internal error: {exc}", "type": "server_error", "param": None,
                           "code": "server_error"}}, 500
 
+    @app.after_request
+    async def _close_after_unread_body(resp: Any) -> Any:
+        # An error answered before the request body was read (a failed key, a wrong route, a body too
+        # large) leaves the rest of that body in the connection, and hypercorn then stops reading it:
+        # the client's next request on the same connection would hang. Closing it makes clients
+        # (the OpenAI and Anthropic SDKs keep connections) open a fresh one.
+        if resp.status_code >= 400 and (request.content_length or "chunked" in request.headers.get("Transfer-Encoding", "")):
+            resp.headers["Connection"] = "close"
+        return resp
+
     if settings.cors_origins:
         @app.after_request
         async def _cors(resp: Any) -> Any:
@@ -134,6 +144,18 @@ def create_app(settings: ServerSettings) -> QuartTrio:
         await reg.close()
         response_store.close()
 
+    app.asgi_app = _without_trailing_slash(app.asgi_app)  # type: ignore[method-assign]
+    return app
+
+
+def _without_trailing_slash(asgi_app: Any) -> Any:
+    """LocalAI strips trailing slashes before routing: /v1/models/ is /v1/models."""
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope.get("type") in ("http", "websocket") and len(path) > 1 and path.endswith("/"):
+            stripped = path.rstrip("/") or "/"
+            scope = {**scope, "path": stripped, "raw_path": stripped.encode()}
+        await asgi_app(scope, receive, send)
     return app
 
 

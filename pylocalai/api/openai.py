@@ -15,9 +15,11 @@ from quart import Blueprint, Response
 from pylocalai.api import errors_openai
 from pylocalai.api.serving import (
     PreparedChat,
+    choice_nursery,
     collect,
     generation,
     held,
+    merge_choices,
     prepare_chat,
     read_json,
     registry,
@@ -267,7 +269,7 @@ async def chat_completions() -> Response | tuple[Any, int]:
         async def one(i: int) -> None:
             results[i] = await _run_one(call, entry, i)
 
-        async with trio.open_nursery() as nursery:
+        async with choice_nursery() as nursery:
             for i in range(call.n):
                 nursery.start_soon(one, i)
     choices = []
@@ -288,27 +290,11 @@ async def chat_completions() -> Response | tuple[Any, int]:
 
 async def _stream_chat(call: ChatCall, entry: LoadedModel, preps: list[PreparedChat]) -> AsyncIterator[bytes]:
     usages: list[Usage] = []
-
-    async def produce(i: int, prep: PreparedChat, out: trio.MemorySendChannel[bytes]) -> None:
-        async with out:
-            async for frame in _stream_choice(call, entry, i, prep, usages):
-                await out.send(frame)
-
     try:
-        if len(preps) == 1:
-            # one choice (the common case): its frames go straight out, without a task and a channel hop per token
-            async with aclosing(_stream_choice(call, entry, 0, preps[0], usages)) as frames:
-                async for frame in frames:
-                    yield frame
-        else:
-            send, recv = trio.open_memory_channel[bytes](64)
-            async with trio.open_nursery() as nursery:
-                async with send:
-                    for i, prep in enumerate(preps):
-                        nursery.start_soon(produce, i, prep, send.clone())
-                async with recv:
-                    async for frame in recv:
-                        yield frame
+        async with aclosing(merge_choices([_stream_choice(call, entry, i, prep, usages)
+                                           for i, prep in enumerate(preps)])) as frames:
+            async for frame in frames:
+                yield frame
         if call.include_usage:
             yield call.chunk([], usage=usage_json(sum_usage(usages)))
     except PylocalaiError as exc:

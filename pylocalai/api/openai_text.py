@@ -2,22 +2,45 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import trio
-from quart import Blueprint, Response
+from quart import Blueprint, Response, request
 
 from pylocalai.api import errors_openai
-from pylocalai.api.openai import request_sampling, sum_usage, usage_json
-from pylocalai.api.serving import collect, generation, held, make_request, read_json, registry, resolve_model, sampling_for, tokenize
-from pylocalai.api.wire import SSE_DONE, SSE_HEADERS, get_bool, get_int, get_list, get_stop, get_str, sse_data
+from pylocalai.api.openai import request_sampling, usage_json
+from pylocalai.api.serving import (
+    choice_nursery,
+    collect,
+    generation,
+    held,
+    make_request,
+    merge_choices,
+    read_json,
+    registry,
+    resolve_model,
+    sampling_for,
+    tokenize,
+)
+from pylocalai.api.wire import (
+    SSE_DONE,
+    SSE_HEADERS,
+    get_bool,
+    get_int,
+    get_list,
+    get_stop,
+    get_str,
+    sse_data,
+)
 from pylocalai.config.prompt import render_completion, render_edit
 from pylocalai.engine.registry import LoadedModel
 from pylocalai.engine.types import EngineRequest, TextDelta, TokenLogprob, Usage
-from pylocalai.errors import InvalidRequestError, PylocalaiError
+from pylocalai.errors import InvalidRequestError, ModelNotFoundError, PylocalaiError
 
 bp = Blueprint("openai_text", __name__)
 errors_openai.install(bp)
@@ -66,8 +89,6 @@ async def completions(model: str | None = None) -> Response | tuple[Any, int]:
     rid = "cmpl-" + uuid.uuid4().hex
     created = int(time.time())
     name = body.get("model") or cfg.name
-    if stream and len(prompts) != 1:
-        raise InvalidRequestError("streaming completions require exactly one prompt string", param="prompt")
     async with registry().use(cfg) as entry:
         if isinstance(body.get("response_format"), dict) and body["response_format"].get("type") == "json_object":
             grammar = grammar or await trio.to_thread.run_sync(entry.llm.schema_grammar, {"type": "object"})
@@ -85,13 +106,14 @@ async def completions(model: str | None = None) -> Response | tuple[Any, int]:
         for _, _, r in reqs:
             entry.llm.scheduler.check(r)
         if stream:
-            return Response(held(cfg, _stream(entry, reqs[0][2], rid, created, name, echo, reqs[0][1], body)), headers=SSE_HEADERS)  # type: ignore[arg-type]
+            chunks = _stream(entry, reqs, n, n_logprobs, rid, created, name, echo, body)
+            return Response(held(cfg, chunks), headers=SSE_HEADERS)  # type: ignore[arg-type]
         results: list[Any] = [None] * len(reqs)
 
         async def one(k: int) -> None:
             results[k] = await collect(entry, reqs[k][2])
 
-        async with trio.open_nursery() as nursery:
+        async with choice_nursery() as nursery:
             for k in range(len(reqs)):
                 nursery.start_soon(one, k)
         choices = []
@@ -105,27 +127,44 @@ async def completions(model: str | None = None) -> Response | tuple[Any, int]:
             "usage": usage_json(usage)}, 200
 
 
-async def _stream(entry: LoadedModel, req: EngineRequest, rid: str, created: int, model: str, echo: bool,
-                  prompt_text: str, body: dict[str, Any]) -> AsyncIterator[bytes]:
+async def _stream(entry: LoadedModel, reqs: list[tuple[int, str, EngineRequest]], n: int, n_logprobs: int | None,
+                  rid: str, created: int, model: str, echo: bool, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    """Every choice of every prompt (index k = prompt * n + choice, as without streaming), with
+    logprobs in each chunk when asked for; usage counts each prompt once."""
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return sse_data({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices, **extra})
 
     opts = body.get("stream_options")
     include_usage = isinstance(opts, dict) and bool(opts.get("include_usage"))
-    try:
+    usages: dict[int, Usage] = {}
+
+    async def choice(k: int, prompt_text: str, req: EngineRequest) -> AsyncIterator[bytes]:
+        offset = len(prompt_text) if echo else 0  # text_offset counts from the start of the choice's text
         if echo:
-            yield chunk([{"index": 0, "text": prompt_text, "logprobs": None, "finish_reason": None}])
+            yield chunk([{"index": k, "text": prompt_text, "logprobs": None, "finish_reason": None}])
         async with generation(entry, req) as events:
             async for ev in events:
                 if isinstance(ev, TextDelta):
-                    if ev.text:
-                        yield chunk([{"index": 0, "text": ev.text, "logprobs": None, "finish_reason": None}])
+                    lp = None
+                    if n_logprobs is not None and ev.logprobs:
+                        lp = _completion_logprobs(entry, list(ev.logprobs), offset)
+                        offset += sum(len(t) for t in lp["tokens"])
+                    if ev.text or lp:
+                        yield chunk([{"index": k, "text": ev.text, "logprobs": lp, "finish_reason": None}])
                     continue
                 if ev.error is not None:
                     raise ev.error
-                yield chunk([{"index": 0, "text": "", "logprobs": None, "finish_reason": ev.reason.value}])
-                if include_usage:
-                    yield chunk([], usage=usage_json(ev.usage))
+                usages[k] = ev.usage
+                yield chunk([{"index": k, "text": "", "logprobs": None, "finish_reason": ev.reason.value}])
+
+    try:
+        async with aclosing(merge_choices([choice(k, text, req) for k, (_, text, req) in enumerate(reqs)])) as frames:
+            async for frame in frames:
+                yield frame
+        if include_usage:
+            done = [usages[k] for k in sorted(usages)]
+            yield chunk([], usage=usage_json(Usage(sum(u.prompt_tokens for u in done[::n]),
+                                                   sum(u.completion_tokens for u in done))))
     except PylocalaiError as exc:
         yield sse_data(errors_openai.error_body(exc))
     yield SSE_DONE
@@ -146,14 +185,57 @@ async def edits() -> tuple[Any, int]:
             results.append(await collect(entry, make_request(toks, sampling)))
     return {"id": "edit-" + uuid.uuid4().hex, "object": "edit", "created": int(time.time()), "model": body.get("model") or cfg.name,
             "choices": [{"index": i, "text": t, "finish_reason": f.reason.value} for i, (t, f, _) in enumerate(results)],
-            "usage": usage_json(sum_usage([f.usage for _, f, _ in results]))}, 200
+            # each input is a prompt of its own: their prompt tokens add up
+            "usage": usage_json(Usage(sum(f.usage.prompt_tokens for _, f, _ in results),
+                                      sum(f.usage.completion_tokens for _, f, _ in results)))}, 200
+
+
+def _model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "pylocalai"}
+
+
+def _listed_models() -> list[str]:
+    """Every model name, or those that `?filter=REGEX` matches (LocalAI's filter on config names)."""
+    names = registry().names()
+    pattern = request.args.get("filter")
+    if not pattern:
+        return names
+    try:
+        rx = re.compile(pattern)
+    except re.error as exc:
+        raise InvalidRequestError(f"'filter' is not a valid regular expression: {exc}", param="filter") from None
+    return [n for n in names if rx.search(n)]
 
 
 @bp.get("/v1/models")
 @bp.get("/models")
 async def list_models() -> tuple[Any, int]:
-    return {"object": "list", "data": [{"id": n, "object": "model", "created": 0, "owned_by": "pylocalai"}
-                                       for n in registry().names()]}, 200
+    return {"object": "list", "data": [_model_object(n) for n in _listed_models()]}, 200
+
+
+@bp.get("/v1/models/capabilities")
+@bp.get("/models/capabilities")
+async def model_capabilities() -> tuple[Any, int]:
+    """LocalAI's superset of /v1/models: what each model can be asked to do, and which inputs it takes."""
+    catalog = registry().catalog
+    data = []
+    for name in _listed_models():
+        cfg = catalog.get(name)
+        multimodal = cfg is not None and cfg.mmproj is not None
+        data.append({**_model_object(name),
+                     "capabilities": ["chat", "completion", "edit", "embeddings", "tokenize"],
+                     "input_modalities": ["text", "image", "audio"] if multimodal else ["text"],
+                     "output_modalities": ["text"]})
+    return {"object": "list", "data": data}, 200
+
+
+@bp.get("/v1/models/<path:model>")
+@bp.get("/models/<path:model>")
+async def retrieve_model(model: str) -> tuple[Any, int]:
+    if registry().catalog.get(model) is None:
+        raise ModelNotFoundError(f"model {model!r} not found. To see available models, call GET /v1/models",
+                                 param="model")
+    return _model_object(model), 200
 
 
 @bp.post("/v1/embeddings")

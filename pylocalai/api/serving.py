@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
@@ -31,6 +32,9 @@ from pylocalai.engine.types import (
 )
 from pylocalai.errors import InvalidRequestError, PylocalaiError
 
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup  # trio's dependency there
+
 log = logging.getLogger(__name__)
 
 _PARAM_DEFAULTS = {"temperature", "top_p", "top_k", "min_p", "typical_p", "repeat_penalty", "repeat_last_n",
@@ -44,6 +48,8 @@ async def read_json() -> dict[str, Any]:
         body = json.loads(raw or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidRequestError("the request body nests JSON arrays or objects too deeply") from None
     return require_object(body)
 
 
@@ -153,6 +159,48 @@ def held(cfg: ModelConfig, frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]
                 yield frame
 
     return body()
+
+
+@asynccontextmanager
+async def choice_nursery() -> AsyncIterator[trio.Nursery]:
+    """A nursery for the n choices of one request. When a choice fails with the caller's or the
+    engine's error (a PylocalaiError), that error leaves as itself rather than inside an
+    ExceptionGroup, so the endpoint answers it in its protocol's shape; anything else stays grouped."""
+    try:
+        async with trio.open_nursery() as nursery:
+            yield nursery
+    except BaseExceptionGroup as group:
+        ours, rest = group.split(PylocalaiError)
+        if ours is None or rest is not None:
+            raise
+        first: BaseException = ours
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+
+
+async def merge_choices(streams: list[AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
+    """The SSE frames of a request's n choice streams, each as soon as it is made. One stream (the
+    common case) goes straight through, without a task and a channel hop per token."""
+    if len(streams) == 1:
+        async with aclosing(streams[0]) as frames:
+            async for frame in frames:
+                yield frame
+        return
+
+    async def produce(stream: AsyncIterator[bytes], out: trio.MemorySendChannel[bytes]) -> None:
+        async with out, aclosing(stream) as frames:  # type: ignore[type-var]
+            async for frame in frames:
+                await out.send(frame)
+
+    send, recv = trio.open_memory_channel[bytes](64)
+    async with choice_nursery() as nursery:
+        async with send:
+            for stream in streams:
+                nursery.start_soon(produce, stream, send.clone())
+        async with recv:
+            async for frame in recv:
+                yield frame
 
 
 @asynccontextmanager

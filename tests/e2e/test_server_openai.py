@@ -183,6 +183,63 @@ def test_n_choices_are_indexed(client: Any) -> None:
     assert [c.index for c in r.choices] == [0, 1]
 
 
+def test_a_failing_choice_of_several_is_a_protocol_error(server: Server) -> None:
+    body = {"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "grammar": "root ::= (", "n": 2}
+    r = post(server, "/v1/chat/completions", body)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+    r = post(server, "/v1/chat/completions", {**body, "stream": True})
+    frames = sse(r)  # an error frame, then [DONE]: the stream ends cleanly
+    assert frames[-1]["error"]["type"] == "invalid_request_error" and "grammar" in frames[-1]["error"]["message"]
+    assert post(server, "/v1/chat/completions", {**body, "grammar": ""}).status_code == 200  # still serving
+
+
+def test_streamed_completions_carry_every_choice_and_logprobs(server: Server) -> None:
+    body = {"model": "smol", "prompt": "The sky is", "max_tokens": 4, "n": 2, "temperature": 1.0, "seed": 5,
+            "logprobs": 2, "stream": True, "stream_options": {"include_usage": True}}
+    frames = sse(post(server, "/v1/completions", body))
+    by_index: dict[int, list[dict[str, Any]]] = {}
+    for f in frames[:-1]:
+        for c in f["choices"]:
+            by_index.setdefault(c["index"], []).append(c)
+    assert sorted(by_index) == [0, 1]
+    for chunks in by_index.values():
+        lps = [c["logprobs"] for c in chunks if c["logprobs"]]
+        assert sum(len(lp["tokens"]) for lp in lps) == 4  # every generated token, with its logprob and top 2
+        assert all(len(lp["top_logprobs"][0]) >= 1 and lp["token_logprobs"][0] <= 0 for lp in lps)
+        assert "".join(c["text"] for c in chunks) == "".join(t for lp in lps for t in lp["tokens"])
+        assert chunks[-1]["finish_reason"] == "length"
+    usage = frames[-1]["usage"]
+    assert frames[-1]["choices"] == [] and usage["completion_tokens"] == 8
+    one = post(server, "/v1/completions", {"model": "smol", "prompt": "The sky is", "max_tokens": 1}).json()
+    assert usage["prompt_tokens"] == one["usage"]["prompt_tokens"]  # the prompt counts once for its n choices
+
+
+def test_edits_count_the_prompt_tokens_of_every_input(server: Server) -> None:
+    inputs = ["helo", "wrld is a very long input with many words in it"]
+    each = [post(server, "/v1/edits", {"model": "smol", "instruction": "Fix", "input": t, "max_tokens": 2}).json()["usage"]
+            for t in inputs]
+    both = post(server, "/v1/edits", {"model": "smol", "instruction": "Fix", "input": inputs, "max_tokens": 2}).json()["usage"]
+    assert both["prompt_tokens"] == sum(u["prompt_tokens"] for u in each)
+    assert both["completion_tokens"] == sum(u["completion_tokens"] for u in each)
+
+
+def test_deeply_nested_json_is_a_400(server: Server) -> None:
+    r = post(server, "/v1/chat/completions", "[" * 100000 + "]" * 100000)
+    assert r.status_code == 400 and "nests" in r.json()["error"]["message"]
+
+
+def test_model_routes(server: Server, client: Any) -> None:
+    assert client.models.retrieve("smol").id == "smol"
+    r = httpx.get(server.url + "/v1/models/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert [m["id"] for m in httpx.get(server.url + "/v1/models/").json()["data"]] == \
+        [m["id"] for m in httpx.get(server.url + "/v1/models").json()["data"]]  # a trailing slash is stripped
+    assert [m["id"] for m in httpx.get(server.url + "/v1/models", params={"filter": "^smol-"}).json()["data"]] == ["smol-go"]
+    assert httpx.get(server.url + "/v1/models", params={"filter": "("}).status_code == 400
+    caps = {m["id"]: m for m in httpx.get(server.url + "/v1/models/capabilities").json()["data"]}
+    assert caps["smol"]["input_modalities"] == ["text"] and "chat" in caps["smol"]["capabilities"]
+
+
 def test_stop_and_logprobs(client: Any) -> None:
     r = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": "Count: 1, 2, 3,"}],
                                        max_tokens=20, logprobs=True, top_logprobs=2)
@@ -342,6 +399,11 @@ def test_api_keys_and_default_model(engine: Any, smollm2_path: Path, tmp_path: P
         assert ok.status_code == 200
         # no models folder: the default small model serves every request
         assert [m["id"] for m in ok.json()["data"]] == ["smollm2-135m-instruct"]
+        # a refused request whose body was never read: the same pooled connection serves the next one
+        with httpx.Client(base_url=s.url, timeout=10) as c:
+            r = c.post("/v1/chat/completions", content=b"x" * 1_000_000, headers={"Content-Type": "application/json"})
+            assert r.status_code == 401 and r.headers["Connection"] == "close"
+            assert c.get("/v1/models", headers={"x-api-key": "k1"}).status_code == 200
         r = httpx.post(s.url + "/v1/chat/completions", headers={"Authorization": "Bearer k1"}, timeout=60,
                        json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
