@@ -11,6 +11,7 @@ class ErrorKind(enum.Enum):
     CONTEXT_LENGTH = "context_length"
     AUTHENTICATION = "authentication"
     MODEL_NOT_FOUND = "model_not_found"
+    NOT_FOUND = "not_found"  # a resource other than a model (a stored response)
     OVERLOADED = "overloaded"
     INTERNAL = "internal"
 
@@ -38,6 +39,10 @@ class AuthenticationError(PylocalaiError):
 
 class ModelNotFoundError(PylocalaiError):
     kind = ErrorKind.MODEL_NOT_FOUND
+
+
+class NotFoundError(PylocalaiError):
+    kind = ErrorKind.NOT_FOUND
 
 
 class OverloadedError(PylocalaiError):

@@ -46,6 +46,7 @@ _ERROR = {
     ErrorKind.CONTEXT_LENGTH: (400, "invalid_request_error"),
     ErrorKind.AUTHENTICATION: (401, "authentication_error"),
     ErrorKind.MODEL_NOT_FOUND: (404, "not_found_error"),
+    ErrorKind.NOT_FOUND: (404, "not_found_error"),
     ErrorKind.OVERLOADED: (529, "overloaded_error"),
     ErrorKind.INTERNAL: (500, "api_error"),
 }

@@ -1,5 +1,6 @@
 """The OpenAI error shape ({"error": {"message", "type", "param", "code"}}) and its status codes,
-for every OpenAI-style blueprint (chat, completions, embeddings, models, responses)."""
+for every OpenAI-style blueprint (chat, completions, embeddings, models, responses). Open Responses
+keeps the shape with its own type names (invalid_request, not_found, server_error, model_error)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 from quart import Blueprint
 from werkzeug.exceptions import HTTPException
 
-from pylocalai.errors import ErrorKind, PylocalaiError
+from pylocalai.errors import EngineError, ErrorKind, PylocalaiError
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +19,7 @@ STATUS = {
     ErrorKind.CONTEXT_LENGTH: 400,
     ErrorKind.AUTHENTICATION: 401,
     ErrorKind.MODEL_NOT_FOUND: 404,
+    ErrorKind.NOT_FOUND: 404,
     ErrorKind.OVERLOADED: 503,
     ErrorKind.INTERNAL: 500,
 }
@@ -26,6 +28,7 @@ _TYPE_CODE = {
     ErrorKind.CONTEXT_LENGTH: ("invalid_request_error", "context_length_exceeded"),
     ErrorKind.AUTHENTICATION: ("invalid_request_error", "invalid_api_key"),
     ErrorKind.MODEL_NOT_FOUND: ("invalid_request_error", "model_not_found"),
+    ErrorKind.NOT_FOUND: ("invalid_request_error", "not_found"),
     ErrorKind.OVERLOADED: ("server_error", "overloaded"),
     ErrorKind.INTERNAL: ("server_error", "server_error"),
 }
@@ -42,13 +45,35 @@ def http_error_body(exc: HTTPException) -> dict[str, Any]:
     return {"error": {"message": exc.description or exc.name, "type": typ, "param": None, "code": status}}
 
 
-def install(bp: Blueprint) -> None:
+def responses_type(status: int, exc: BaseException | None = None) -> str:
+    """Open Responses' error type for a status: invalid_request 400, not_found 404,
+    too_many_requests 429, model_error (the engine failed) or server_error 500."""
+    if status == 404:
+        return "not_found"
+    if status == 429:
+        return "too_many_requests"
+    if status >= 500:
+        return "model_error" if isinstance(exc, EngineError) else "server_error"
+    return "invalid_request"
+
+
+def responses_error_body(exc: PylocalaiError) -> dict[str, Any]:
+    body = error_body(exc)
+    body["error"]["type"] = responses_type(STATUS[exc.kind], exc)
+    return body
+
+
+def install(bp: Blueprint, *, responses: bool = False) -> None:
+    """The blueprint's error handlers; responses=True gives Open Responses' type names."""
     @bp.errorhandler(PylocalaiError)
     async def _pylocalai_error(exc: PylocalaiError) -> tuple[dict[str, Any], int]:
         if exc.kind is ErrorKind.INTERNAL:
             log.error("request failed: %s", exc, exc_info=exc)
-        return error_body(exc), STATUS[exc.kind]
+        return (responses_error_body(exc) if responses else error_body(exc)), STATUS[exc.kind]
 
     @bp.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> tuple[dict[str, Any], int]:
-        return http_error_body(exc), exc.code or 500
+        body = http_error_body(exc)
+        if responses:
+            body["error"]["type"] = responses_type(exc.code or 500)
+        return body, exc.code or 500

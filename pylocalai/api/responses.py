@@ -40,14 +40,14 @@ from pylocalai.engine.registry import LoadedModel, ModelRegistry
 from pylocalai.errors import (
     ContextLengthError,
     InvalidRequestError,
-    ModelNotFoundError,
+    NotFoundError,
     PylocalaiError,
 )
 
 log = logging.getLogger(__name__)
 bp = Blueprint("responses", __name__)
 _SSE = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-errors_openai.install(bp)
+errors_openai.install(bp, responses=True)
 
 
 def store() -> ResponseStore:
@@ -172,12 +172,12 @@ class ResponsesCall:
         if self.previous_id:
             prev = store().get(self.previous_id)
             if prev is None:
-                raise ModelNotFoundError(f"previous response not found: {self.previous_id}", param="previous_response_id")
+                raise NotFoundError(f"previous response not found: {self.previous_id}", param="previous_response_id")
             prev_resp, prev_items, _ = prev
             items = prev_items + items_from_output(prev_resp.get("output") or []) + items
         self.items = items
         self.tools = self._tools(get_list(body, "tools"))
-        self.tool_choice = self._tool_choice(body.get("tool_choice"))
+        self.tool_choice, self.offered = self._tool_choice(body.get("tool_choice"), self.tools)
         self.parallel_tool_calls = bool(get_bool(body, "parallel_tool_calls", True))
         self.max_tool_calls = get_int(body, "max_tool_calls", lo=1)
         self.text_format, self.json_schema = self._text_format(body)
@@ -223,14 +223,29 @@ class ResponsesCall:
         return out
 
     @staticmethod
-    def _tool_choice(tc: Any) -> Any:
+    def _tool_choice(tc: Any, tools: list[dict[str, Any]] | None) -> tuple[Any, list[dict[str, Any]] | None]:
+        """(the tool choice for the chat template, the tools the model is offered). `allowed_tools`
+        offers only the listed tools, in its mode (auto or required); the response still lists all."""
         if tc is None or tc in ("auto", "none", "required"):
-            return tc or "auto"
+            return tc or "auto", tools
         if isinstance(tc, dict) and tc.get("type") == "function":
             name = tc.get("name") or (tc.get("function") or {}).get("name")
             if isinstance(name, str):
-                return {"type": "function", "function": {"name": name}}
-        raise InvalidRequestError("'tool_choice' must be auto, none, required or {'type': 'function', 'name': ...}", param="tool_choice")
+                return {"type": "function", "function": {"name": name}}, tools
+        if isinstance(tc, dict) and tc.get("type") == "allowed_tools":
+            mode, listed = tc.get("mode", "auto"), tc.get("tools")
+            if mode not in ("auto", "required") or not isinstance(listed, list) or not listed:
+                raise InvalidRequestError("'tool_choice' allowed_tools needs mode auto or required and a list of tools",
+                                          param="tool_choice")
+            names = {t.get("name") or (t.get("function") or {}).get("name") for t in listed if isinstance(t, dict)}
+            offered = [t for t in tools or [] if t["function"]["name"] in names]
+            unknown = names - {t["function"]["name"] for t in offered}
+            if unknown or len(names) != len(listed):
+                raise InvalidRequestError(f"'tool_choice' allowed_tools names tools that are not in 'tools': "
+                                          f"{sorted(str(n) for n in unknown)}", param="tool_choice")
+            return mode, offered
+        raise InvalidRequestError("'tool_choice' must be auto, none, required, {'type': 'function', 'name': ...} or "
+                                  "{'type': 'allowed_tools', ...}", param="tool_choice")
 
     @staticmethod
     def _text_format(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -269,7 +284,7 @@ class ResponsesCall:
         """Render and tokenize; with truncation 'auto' the oldest turns go until the prompt fits."""
         messages = to_messages(self.items, self.instructions)
         while True:
-            prep = await prepare_chat(entry, messages, self.sampling, tools=self.tools, tool_choice=self.tool_choice,
+            prep = await prepare_chat(entry, messages, self.sampling, tools=self.offered, tool_choice=self.tool_choice,
                                       parallel_tool_calls=self.parallel_tool_calls, json_schema=self.json_schema,
                                       enable_thinking=self.enable_thinking, template_kwargs=self.template_kwargs)
             try:
@@ -361,7 +376,7 @@ def _find(rid: str) -> tuple[ResponseRun | None, dict[str, Any] | None, list[dic
         return run, run.snapshot(), run.events
     stored = store().get(rid)
     if stored is None:
-        raise ModelNotFoundError(f"response {rid} not found", param="response_id")
+        raise NotFoundError(f"response {rid} not found", param="response_id")
     return None, stored[0], stored[2]
 
 
@@ -411,5 +426,5 @@ async def delete_response(rid: str) -> tuple[Any, int]:
         if run.cancel_scope is not None:
             run.cancel_scope.cancel()
     if not store().delete(rid) and run is None:
-        raise ModelNotFoundError(f"response {rid} not found", param="response_id")
+        raise NotFoundError(f"response {rid} not found", param="response_id")
     return {"id": rid, "object": "response", "deleted": True}, 200

@@ -132,6 +132,22 @@ def test_function_calling_round_trip(client: Any) -> None:
     assert r2.status in ("completed", "incomplete") and r2.output
 
 
+def test_allowed_tools_offers_only_the_listed_tools(server: Server) -> None:
+    other = {**TOOL, "name": "get_time", "description": "Get the time in a city"}
+    body = {"model": "smol", "input": "Weather in Paris?", "tools": [other, TOOL], "max_output_tokens": 60,
+            "tool_choice": {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "get_weather"}]}}
+    r = post(server, body)
+    assert r.status_code == 200, r.text
+    calls = [o for o in r.json()["output"] if o["type"] == "function_call"]
+    assert calls and all(c["name"] == "get_weather" for c in calls)  # required: a call, and only to an allowed tool
+    assert [t["name"] for t in r.json()["tools"]] == ["get_time", "get_weather"]  # the response lists every tool
+    only_time = {**body, "tool_choice": {**body["tool_choice"], "tools": [{"type": "function", "name": "get_time"}]}}
+    calls = [o for o in post(server, only_time).json()["output"] if o["type"] == "function_call"]
+    assert calls and all(c["name"] == "get_time" for c in calls)
+    bad = post(server, {**body, "tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": [{"type": "function", "name": "nope"}]}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice" and "nope" in bad.json()["error"]["message"]
+
+
 def test_json_schema_text_format(client: Any) -> None:
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"], "additionalProperties": False}
     r = client.responses.create(model="smol", input="Capital of France?", max_output_tokens=40,
@@ -152,7 +168,7 @@ def test_background_retrieve_cancel_and_resume(client: Any, server: Server) -> N
     time.sleep(0.5)
     assert client.responses.retrieve(bg.id).status == "cancelled"  # stays cancelled after the worker stops
     r = httpx.post(f"{server.url}/v1/responses/{bg.id}/cancel")
-    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request"
     # a finished background stream replays from the start, or after starting_after
     done = client.responses.create(model="smol", input="Say hello.", background=True, stream=True, max_output_tokens=6)
     live = [e for e in done]
@@ -173,6 +189,10 @@ def test_delete_and_unknown_ids(client: Any, server: Server) -> None:
     assert httpx.post(f"{server.url}/v1/responses/resp_nope/cancel").status_code == 404
     missing = httpx.get(f"{server.url}/v1/responses/resp_nope")
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "response_id"
+    # Open Responses' own error types: not_found for an unknown id (not a "model not found")
+    assert missing.json()["error"]["type"] == "not_found" and missing.json()["error"]["code"] == "not_found"
+    model = post(server, {"model": "nope", "input": "x"}).json()["error"]
+    assert (model["type"], model["code"]) == ("not_found", "model_not_found")
 
 
 @pytest.mark.parametrize("body", [
@@ -191,6 +211,7 @@ def test_bad_input_is_an_error_in_openai_shape(server: Server, body: Any) -> Non
     r = post(server, body)
     assert r.status_code in (400, 404), r.text
     assert set(r.json()["error"]) >= {"message", "type", "param", "code"}
+    assert r.json()["error"]["type"] == {400: "invalid_request", 404: "not_found"}[r.status_code]
 
 
 def test_truncation(server: Server) -> None:
