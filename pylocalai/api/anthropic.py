@@ -198,7 +198,10 @@ class MessagesCall:
             max_tokens = body.get("max_tokens")
             if max_tokens is None:
                 raise InvalidRequestError("'max_tokens' is required", param="max_tokens")
-            self.max_tokens = get_int(body, "max_tokens", lo=1)
+            self.max_tokens = get_int(body, "max_tokens", lo=0)
+        # max_tokens 0 only warms the prompt cache (as Anthropic documents it): the prompt is evaluated
+        # (one token is sampled and dropped) and the answer has no content
+        self.warm_only = not count_only and self.max_tokens == 0
         self.messages = parse_messages(body.get("messages"), body.get("system"))
         self.tools, self.tool_choice = parse_tools(body)
         stops = body.get("stop_sequences")
@@ -218,7 +221,7 @@ class MessagesCall:
             self.template_kwargs.setdefault("enable_thinking", self.thinking)
         self.stream = bool(get_bool(body, "stream", False))
         fields = {} if count_only else {
-            "max_tokens": self.max_tokens,
+            "max_tokens": max(1, self.max_tokens),
             "temperature": get_float(body, "temperature", lo=0.0, hi=2.0),
             "top_p": get_float(body, "top_p", lo=0.0, hi=1.0),
             "top_k": get_int(body, "top_k", lo=0),
@@ -235,7 +238,13 @@ class MessagesCall:
         return await prepare_chat(entry, self.messages, self.sampling, tools=self.tools, tool_choice=self.tool_choice,
                                   parallel_tool_calls=parallel, json_schema=None,
                                   enable_thinking=self.template_kwargs.get("enable_thinking", True) is not False,
-                                  template_kwargs=self.template_kwargs, grammar=self.grammar)
+                                  template_kwargs=self.template_kwargs, grammar=self.grammar, continue_final=True)
+
+    def warmed(self, n_prompt: int, n_cached: int) -> dict[str, Any]:
+        """The answer to max_tokens 0: no content, stopped by the token limit."""
+        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
+                "stop_reason": "max_tokens", "stop_sequence": None,
+                "usage": {"input_tokens": n_prompt, "output_tokens": 0, "cache_read_input_tokens": n_cached}}
 
     def stop_reason(self, fin: Finished, has_calls: bool) -> tuple[str, str | None]:
         if has_calls and fin.reason is FinishReason.STOP:
@@ -272,6 +281,8 @@ async def create_message() -> Response | tuple[Any, int]:
         if call.stream:
             return Response(held(call.cfg, _stream(call, entry, prep)), headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})  # type: ignore[arg-type]
         text, fin, _ = await collect(entry, prep.request)
+        if call.warm_only:
+            return call.warmed(fin.usage.prompt_tokens, fin.usage.cached_tokens), 200
         msg = await trio.to_thread.run_sync(lambda: parse_answer(entry.llm, prep.plan, text))
     calls = msg.get("tool_calls") or []
     content: list[dict[str, Any]] = []
@@ -352,6 +363,13 @@ async def _stream(call: MessagesCall, entry: LoadedModel, prep: PreparedChat) ->
         return out
 
     try:
+        if call.warm_only:
+            await collect(entry, prep.request)
+            yield sse_event("message_delta", {"type": "message_delta",
+                                              "delta": {"stop_reason": "max_tokens", "stop_sequence": None},
+                                              "usage": {"input_tokens": n_prompt, "output_tokens": 0}})
+            yield sse_event("message_stop", {"type": "message_stop"})
+            return
         async with generation(entry, prep.request) as events:
             async for ev in events:
                 if isinstance(ev, TextDelta):

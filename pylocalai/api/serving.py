@@ -9,7 +9,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import trio
@@ -103,9 +103,20 @@ async def prepare_chat(entry: LoadedModel, messages: list[dict[str, Any]], sampl
                        tools: list[dict[str, Any]] | None, tool_choice: Any, parallel_tool_calls: bool,
                        json_schema: dict[str, Any] | None, enable_thinking: bool = True,
                        template_kwargs: dict[str, Any] | None = None, grammar: str = "",
-                       reasoning_effort: str = "", metadata: dict[str, str] | None = None) -> PreparedChat:
-    """Render (Go templates or jinja), pick the grammar, tokenize: off the event loop."""
+                       reasoning_effort: str = "", metadata: dict[str, str] | None = None,
+                       continue_final: bool = False) -> PreparedChat:
+    """Render (Go templates or jinja), pick the grammar, tokenize: off the event loop.
+
+    continue_final: a last assistant message is a prefill the answer continues (Anthropic's
+    semantics, and llama-server's): the turns before it are rendered up to the assistant's
+    generation prompt, then its text follows. Not with tools or a grammar, whose grammar starts
+    at the generation prompt."""
     cfg, llm = entry.config, entry.llm
+    prefill = ""
+    last = messages[-1] if messages else {}
+    if (continue_final and last.get("role") == "assistant" and isinstance(last.get("content"), str) and last["content"]
+            and not last.get("tool_calls") and not last.get("media") and not tools and json_schema is None and not grammar):
+        prefill, messages = last["content"], messages[:-1]
 
     def work() -> PreparedChat:
         prompt = None
@@ -122,6 +133,8 @@ async def prepare_chat(entry: LoadedModel, messages: list[dict[str, Any]], sampl
                          parallel_tool_calls=parallel_tool_calls, json_schema=json_schema,
                          enable_thinking=enable_thinking, template_kwargs=template_kwargs,
                          user_grammar=grammar, prompt=prompt)
+        if prefill:
+            plan = replace(plan, prompt=plan.prompt + prefill)
         tokens, spans = llm.tokenize_media(plan.prompt, [m.load() for m in media])
         return PreparedChat(plan, make_request(tokens, plan.sampling_with(sampling), spans))
 

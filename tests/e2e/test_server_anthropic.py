@@ -129,6 +129,31 @@ def test_named_tool_streams_input_json_deltas(server: Server) -> None:
     assert [d for n, d in evs if n == "message_delta"][0]["delta"]["stop_reason"] == "tool_use"
 
 
+def test_max_tokens_zero_only_warms_the_cache(server: Server, client: Any) -> None:
+    body = {"model": "smol", "system": "You are terse. " * 20, "messages": [{"role": "user", "content": "Hi"}]}
+    m = client.messages.create(max_tokens=0, **body)
+    assert m.content == [] and m.stop_reason == "max_tokens" and m.usage.output_tokens == 0
+    again = client.messages.create(max_tokens=2, **body)  # the prompt is in a slot's cache now
+    assert again.usage.cache_read_input_tokens >= again.usage.input_tokens - 1
+    evs = events(post(server, {**body, "max_tokens": 0, "stream": True}))
+    assert [n for n, _ in evs] == ["message_start", "message_delta", "message_stop"]
+    assert evs[1][1]["delta"]["stop_reason"] == "max_tokens" and evs[1][1]["usage"]["output_tokens"] == 0
+
+
+def test_a_final_assistant_message_is_continued(client: Any) -> None:
+    ask = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    whole = client.messages.create(model="smol", max_tokens=12, messages=ask).content[0].text
+    head = whole.split(" ")[0]  # the first word of the answer, given as the assistant's prefill
+    m = client.messages.create(model="smol", max_tokens=12, messages=[*ask, {"role": "assistant", "content": head}])
+    assert m.content[0].text == whole[len(head):][: len(m.content[0].text)]  # the answer goes on from the prefill
+    n_prefilled = post_count(client, [*ask, {"role": "assistant", "content": head}])
+    assert n_prefilled < post_count(client, ask) + 4  # no closed assistant turn and new header in the prompt
+
+
+def post_count(client: Any, messages: list[dict[str, Any]]) -> int:
+    return int(client.messages.count_tokens(model="smol", messages=messages).input_tokens)
+
+
 def test_count_tokens(server: Server, client: Any) -> None:
     body = {"model": "smol", "messages": [{"role": "user", "content": "Hello there"}]}
     n = post(server, body, "/v1/messages/count_tokens").json()["input_tokens"]
@@ -139,7 +164,7 @@ def test_count_tokens(server: Server, client: Any) -> None:
 @pytest.mark.parametrize(("body", "status", "etype"), [
     (b"{oops", 400, "invalid_request_error"),
     ({"model": "smol", "messages": [{"role": "user", "content": "x"}]}, 400, "invalid_request_error"),
-    ({"model": "smol", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]}, 400, "invalid_request_error"),
+    ({"model": "smol", "max_tokens": -1, "messages": [{"role": "user", "content": "x"}]}, 400, "invalid_request_error"),
     ({"model": "smol", "max_tokens": "ten", "messages": [{"role": "user", "content": "x"}]}, 400, "invalid_request_error"),
     ({"model": "smol", "max_tokens": 5}, 400, "invalid_request_error"),
     ({"model": "smol", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, 400, "invalid_request_error"),
