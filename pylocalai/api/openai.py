@@ -202,6 +202,8 @@ class ChatCall:
         self.cfg = resolve_model(body)
         self.messages = parse_messages(body.get("messages"))
         self.tools, self.tool_choice = parse_tools(body)
+        # legacy `functions`: calls come back as message.function_call, finish_reason "function_call"
+        self.legacy_functions = body.get("tools") is None and isinstance(body.get("functions"), list)
         self.json_schema = parse_response_format(body)
         self.stream = bool(get_bool(body, "stream", False))
         opts = body.get("stream_options")
@@ -273,16 +275,22 @@ async def chat_completions() -> Response | tuple[Any, int]:
             for i in range(call.n):
                 nursery.start_soon(one, i)
     choices = []
-    for i, (message, fin, lps) in enumerate(results):
+    for message, fin, lps in results:
         calls = message.get("tool_calls") or []
         msg: dict[str, Any] = {"role": "assistant", "content": message.get("content") if not calls else (message.get("content") or None)}
         if message.get("reasoning_content"):
             msg["reasoning_content"] = message["reasoning_content"]
+        logprobs = {"content": logprobs_content(entry, tuple(lps))} if call.logprobs is not None else None
+        if calls and call.legacy_functions:  # one choice per call, as LocalAI answers legacy function calling
+            for c in calls:
+                fc = {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                choices.append({"index": len(choices), "message": {**msg, "function_call": fc},
+                                "finish_reason": "function_call", "logprobs": logprobs})
+            continue
         if calls:
             msg["tool_calls"] = [{"id": c["id"], "type": "function", "function": c["function"]} for c in calls]
-        choice: dict[str, Any] = {"index": i, "message": msg, "finish_reason": _finish_reason(fin, calls),
-                                  "logprobs": {"content": logprobs_content(entry, tuple(lps))} if call.logprobs is not None else None}
-        choices.append(choice)
+        choices.append({"index": len(choices), "message": msg, "finish_reason": _finish_reason(fin, calls),
+                        "logprobs": logprobs})
     usage = sum_usage([r[1].usage for r in results])
     return {"id": call.id, "object": "chat.completion", "created": call.created, "model": call.model,
             "system_fingerprint": None, "choices": choices, "usage": usage_json(usage)}, 200
@@ -312,7 +320,12 @@ async def _stream_choice(call: ChatCall, entry: LoadedModel, index: int, prep: P
             out.append(call.chunk([{"index": index, "delta": {"reasoning_content": d.reasoning}, "logprobs": None, "finish_reason": None}]))
         if d.content or lp:
             out.append(call.chunk([{"index": index, "delta": {"content": d.content}, "logprobs": lp, "finish_reason": None}]))
-        if d.calls:
+        if d.calls and call.legacy_functions:  # function_call deltas; a further call gets the next choice index
+            for c in d.calls:
+                fc = {"name": c.name, "arguments": ""} if c.id else {"arguments": c.arguments}
+                out.append(call.chunk([{"index": index + c.index, "delta": {"function_call": fc}, "logprobs": None,
+                                        "finish_reason": None}]))
+        elif d.calls:
             tc = [{"index": c.index, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}
                   if c.id else {"index": c.index, "function": {"arguments": c.arguments}} for c in d.calls]
             out.append(call.chunk([{"index": index, "delta": {"tool_calls": tc}, "logprobs": None, "finish_reason": None}]))
@@ -333,5 +346,9 @@ async def _stream_choice(call: ChatCall, entry: LoadedModel, index: int, prep: P
             for frame in frames(await trio.to_thread.run_sync(answer.finish)):
                 yield frame
             calls = (answer.message or {}).get("tool_calls") or []
+            if calls and call.legacy_functions:
+                for k in range(len(calls)):
+                    yield call.chunk([{"index": index + k, "delta": {}, "logprobs": None, "finish_reason": "function_call"}])
+                return
             yield call.chunk([{"index": index, "delta": {}, "logprobs": None, "finish_reason": _finish_reason(ev, calls)}])
             return

@@ -266,6 +266,23 @@ def test_forced_tool_call_with_the_sdk(client: Any) -> None:
     assert r2.choices[0].message.content is not None
 
 
+def test_legacy_functions_answer_with_function_call(server: Server) -> None:
+    fn = {"name": "get_weather", "description": "Weather for a city",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    body = {"model": "smol", "messages": [{"role": "user", "content": "Weather in Paris?"}], "functions": [fn],
+            "function_call": {"name": "get_weather"}, "max_tokens": 60}
+    c = post(server, "/v1/chat/completions", body).json()["choices"][0]
+    assert c["finish_reason"] == "function_call" and "tool_calls" not in c["message"]
+    assert c["message"]["function_call"]["name"] == "get_weather"
+    assert "city" in json.loads(c["message"]["function_call"]["arguments"])
+    frames = sse(post(server, "/v1/chat/completions", {**body, "stream": True}))
+    deltas = [ch["delta"] for f in frames for ch in f["choices"]]
+    assert all("tool_calls" not in d for d in deltas)
+    fcs = [d["function_call"] for d in deltas if "function_call" in d]
+    assert fcs[0]["name"] == "get_weather" and "city" in json.loads("".join(f["arguments"] for f in fcs))
+    assert frames[-1]["choices"][0]["finish_reason"] == "function_call"
+
+
 def test_forced_tool_call_streams_as_tool_call_deltas(server: Server) -> None:
     tools = [{"type": "function", "function": {"name": "lookup", "parameters": {
         "type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}}}]
