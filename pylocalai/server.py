@@ -77,15 +77,20 @@ def create_app(settings: ServerSettings) -> QuartTrio:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthenticationError) else {}
         return errors_openai.error_body(exc), errors_openai.STATUS[exc.kind], headers
 
+    def _route_error(message: str, status: int) -> tuple[dict[str, Any], int]:
+        # in the shape of the protocol the path belongs to: Anthropic's under /v1/messages, else OpenAI's
+        if request.path.startswith(("/v1/messages", "/messages")):
+            etype = "not_found_error" if status == 404 else "invalid_request_error"
+            return {"type": "error", "error": {"type": etype, "message": message}}, status
+        return {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": status}}, status
+
     @app.errorhandler(404)
     async def _not_found(exc: Exception) -> tuple[dict[str, Any], int]:
-        return {"error": {"message": f"Resource not found: {request.path}", "type": "invalid_request_error",
-                          "param": None, "code": 404}}, 404
+        return _route_error(f"Resource not found: {request.path}", 404)
 
     @app.errorhandler(405)
     async def _bad_method(exc: Exception) -> tuple[dict[str, Any], int]:
-        return {"error": {"message": f"Method {request.method} is not allowed on {request.path}",
-                          "type": "invalid_request_error", "param": None, "code": 405}}, 405
+        return _route_error(f"Method {request.method} is not allowed on {request.path}", 405)
 
     @app.errorhandler(Exception)
     async def _unexpected(exc: Exception) -> tuple[dict[str, Any], int]:

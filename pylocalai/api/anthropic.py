@@ -224,7 +224,7 @@ class MessagesCall:
             "max_tokens": max(1, self.max_tokens),
             "temperature": get_float(body, "temperature", lo=0.0, hi=2.0),
             "top_p": get_float(body, "top_p", lo=0.0, hi=1.0),
-            "top_k": get_int(body, "top_k", lo=0),
+            "top_k": get_int(body, "top_k", lo=0, hi=2**31 - 1),
             "ignore_eos": get_bool(body, "ignore_eos"),  # llama.cpp extension, as on the other endpoints
         }
         self.grammar = get_str(body, "grammar", "")  # LocalAI extension (GBNF), as on chat completions

@@ -66,10 +66,11 @@ def responses_error_body(exc: PylocalaiError) -> dict[str, Any]:
 def install(bp: Blueprint, *, responses: bool = False) -> None:
     """The blueprint's error handlers; responses=True gives Open Responses' type names."""
     @bp.errorhandler(PylocalaiError)
-    async def _pylocalai_error(exc: PylocalaiError) -> tuple[dict[str, Any], int]:
+    async def _pylocalai_error(exc: PylocalaiError) -> tuple[dict[str, Any], int, dict[str, str]]:
         if exc.kind is ErrorKind.INTERNAL:
             log.error("request failed: %s", exc, exc_info=exc)
-        return (responses_error_body(exc) if responses else error_body(exc)), STATUS[exc.kind]
+        headers = {"WWW-Authenticate": "Bearer"} if exc.kind is ErrorKind.AUTHENTICATION else {}
+        return (responses_error_body(exc) if responses else error_body(exc)), STATUS[exc.kind], headers
 
     @bp.errorhandler(HTTPException)
     async def _http_error(exc: HTTPException) -> tuple[dict[str, Any], int]:

@@ -139,6 +139,17 @@ def parse_response_format(body: dict[str, Any]) -> dict[str, Any] | None:
     return schema
 
 
+INT32_MAX = 2**31 - 1
+
+
+def engine_seed(seed: int | None) -> int | None:
+    """A request's seed as the engine takes it (32 bits): a negative seed means a random one, as in
+    LocalAI; a larger one keeps its low 32 bits, so it stays reproducible."""
+    if seed is None or seed < 0:
+        return None
+    return seed & 0xFFFFFFFF
+
+
 def request_sampling(body: dict[str, Any]) -> dict[str, Any]:
     """OpenAI sampling fields (plus the llama.cpp extras LocalAI accepts) -> SamplingParams fields."""
     max_tokens = get_int(body, "max_completion_tokens", lo=1) or get_int(body, "max_tokens", lo=1)
@@ -148,14 +159,14 @@ def request_sampling(body: dict[str, Any]) -> dict[str, Any]:
         "max_tokens": max_tokens,
         "temperature": get_float(body, "temperature", lo=0.0, hi=2.0),
         "top_p": get_float(body, "top_p", lo=0.0, hi=1.0),
-        "top_k": get_int(body, "top_k", lo=0),
+        "top_k": get_int(body, "top_k", lo=0, hi=INT32_MAX),
         "min_p": get_float(body, "min_p", lo=0.0, hi=1.0),
         "typical_p": get_float(body, "typical_p", lo=0.0, hi=1.0),
         "presence_penalty": get_float(body, "presence_penalty", lo=-2.0, hi=2.0),
         "frequency_penalty": get_float(body, "frequency_penalty", lo=-2.0, hi=2.0),
         "repeat_penalty": get_float(body, "repeat_penalty", lo=0.0),
-        "repeat_last_n": get_int(body, "repeat_last_n", lo=-1),
-        "seed": get_int(body, "seed"),
+        "repeat_last_n": get_int(body, "repeat_last_n", lo=-1, hi=INT32_MAX),
+        "seed": engine_seed(get_int(body, "seed", lo=-(2**63), hi=2**64 - 1)),
         "logit_bias": get_logit_bias(body) or None,
         "ignore_eos": get_bool(body, "ignore_eos"),
     }

@@ -178,6 +178,13 @@ def test_errors_in_anthropic_shape(server: Server, body: Any, status: int, etype
     assert r.json()["type"] == "error" and r.json()["error"]["type"] == etype and r.json()["error"]["message"]
 
 
+def test_wrong_method_and_path_are_in_anthropic_shape(server: Server) -> None:
+    r = httpx.get(server.url + "/v1/messages", headers={"x-api-key": "secret"}, timeout=30)
+    assert r.status_code == 405 and r.json()["type"] == "error" and r.json()["error"]["type"] == "invalid_request_error"
+    r = post(server, {"model": "smol"}, "/v1/messages/nope")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
 def test_authentication_error_shape(server: Server) -> None:
     r = httpx.post(server.url + "/v1/messages", json={"model": "smol", "max_tokens": 5, "messages": []}, timeout=30)
     assert r.status_code == 401

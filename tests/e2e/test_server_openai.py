@@ -223,6 +223,14 @@ def test_edits_count_the_prompt_tokens_of_every_input(server: Server) -> None:
     assert both["completion_tokens"] == sum(u["completion_tokens"] for u in each)
 
 
+def test_seeds_beyond_32_bits_and_negative_seeds(server: Server) -> None:
+    body = {"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 1.5}
+    big = [post(server, "/v1/chat/completions", {**body, "seed": 2**40 + 7}).json()["choices"][0]["message"]["content"]
+           for _ in range(2)]
+    assert big[0] == big[1]  # a 64-bit seed is reproducible
+    assert post(server, "/v1/chat/completions", {**body, "seed": -1}).status_code == 200  # random, as in LocalAI
+
+
 def test_deeply_nested_json_is_a_400(server: Server) -> None:
     r = post(server, "/v1/chat/completions", "[" * 100000 + "]" * 100000)
     assert r.status_code == 400 and "nests" in r.json()["error"]["message"]
@@ -351,6 +359,8 @@ def test_embeddings_and_tokenize(server: Server, client: Any) -> None:
     ({"model": "smol", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
     ({"model": "smol", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, "temperature"),
     ({"model": 5, "messages": [{"role": "user", "content": "x"}]}, "model"),
+    ({"model": "smol", "messages": [{"role": "user", "content": "x"}], "top_k": 2**40}, "top_k"),
+    ({"model": "smol", "messages": [{"role": "user", "content": "x"}], "seed": 2**70}, "seed"),
 ])
 def test_bad_input_is_a_400_in_openai_shape(server: Server, body: Any, param: str | None) -> None:
     r = post(server, "/v1/chat/completions", body)
@@ -411,6 +421,7 @@ def test_api_keys_and_default_model(engine: Any, smollm2_path: Path, tmp_path: P
         assert httpx.get(s.url + "/healthz").status_code == 200  # open
         r = httpx.get(s.url + "/v1/models")
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert r.headers["WWW-Authenticate"] == "Bearer"
         assert httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
         ok = httpx.get(s.url + "/v1/models", headers={"x-api-key": "k2"})
         assert ok.status_code == 200
