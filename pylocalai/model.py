@@ -42,7 +42,12 @@ from pylocalai.engine.types import (
     Usage,
 )
 from pylocalai.engine.worker import EngineWorker
-from pylocalai.errors import EngineError, InvalidRequestError, PylocalaiError
+from pylocalai.errors import (
+    ContextLengthError,
+    EngineError,
+    InvalidRequestError,
+    PylocalaiError,
+)
 
 _FLASH_ATTN = {"auto": -1, "off": 0, "on": 1, False: 0, True: 1, -1: -1}  # 0 and 1 equal False and True
 _SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__)
@@ -403,6 +408,9 @@ class Llama:
         strings, and the format and parser that read the answer back.
         """
         kwargs = {k: json.dumps(v) for k, v in (template_kwargs or {}).items()}
+        if json_schema:
+            with map_engine_errors("response_format"):  # a schema llama.cpp cannot turn into a grammar is that field's fault
+                self._engine.json_schema_to_grammar(json.dumps(json_schema))
         with map_engine_errors("messages"):
             return dict(
                 self._model.chat_apply(
@@ -511,26 +519,38 @@ class Llama:
 
     # ------------------------------------------------------------ embeddings
 
-    def embed(self, texts: str | Sequence[str], *, normalize: bool = True) -> np.ndarray:
-        """One pooled embedding per text (the model's pooling; mean over tokens when it has none)."""
-        items = [texts] if isinstance(texts, str) else list(texts)
+    def embed(self, texts: str | Sequence[str] | Sequence[Sequence[int]], *, normalize: bool = True) -> np.ndarray:
+        """One pooled embedding per input, a text or a list of token ids (the model's pooling; mean over
+        tokens when it has none). An input may be as long as one sequence's context."""
+        items: list[Any] = [texts] if isinstance(texts, str) else list(texts)
         if not items:
             raise InvalidRequestError("no input to embed", param="input")
-        token_lists = [self.tokenize(t) for t in items]
+        n_vocab = self.info["n_vocab"]
+        token_lists = []
+        for i, item in enumerate(items):
+            toks = self.tokenize(item) if isinstance(item, str) else [int(t) for t in item]
+            if not toks or not all(0 <= t < n_vocab for t in toks):
+                raise InvalidRequestError(f"input {i} is empty or has token ids outside the vocabulary", param="input")
+            token_lists.append(toks)
         with self._embed_lock:
             if self._embed_session is None:
-                n = max(512, self._ctx_params["n_batch"])
+                n = max(512, self._ctx_params["n_batch"], self.n_ctx_seq)
                 params = dict(self._ctx_params, embeddings=True, n_seq_max=1, n_ctx=min(n, self.info["n_ctx_train"] or n))
                 params["n_batch"] = params["n_ubatch"] = params["n_ctx"]
                 with map_engine_errors():
                     self._embed_session = self._engine.Session(self._model, params)
+            limit = int(self._embed_session.n_ctx_seq)
+            for i, toks in enumerate(token_lists):
+                if len(toks) > limit:
+                    raise ContextLengthError(f"input {i} has {len(toks)} tokens, but embeddings take at most {limit}",
+                                             param="input")
             rows = []
             for toks in token_lists:
                 with map_engine_errors("input"):
                     rows.append(np.asarray(self._embed_session.embed(np.asarray(toks, dtype=np.int32), normalize)))
         return np.stack(rows)
 
-    async def aembed(self, texts: str | Sequence[str], *, normalize: bool = True) -> np.ndarray:
+    async def aembed(self, texts: str | Sequence[str] | Sequence[Sequence[int]], *, normalize: bool = True) -> np.ndarray:
         return await trio.to_thread.run_sync(lambda: self.embed(texts, normalize=normalize))
 
 

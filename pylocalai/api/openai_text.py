@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import time
 import uuid
@@ -9,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
 
+import numpy as np
 import trio
 from quart import Blueprint, Response, request
 
@@ -238,17 +240,44 @@ async def retrieve_model(model: str) -> tuple[Any, int]:
     return _model_object(model), 200
 
 
+def _embedding_inputs(body: dict[str, Any]) -> list[str | list[int]]:
+    """OpenAI's input forms: a string, strings, one token array, or token arrays."""
+    v = body.get("input")
+    if isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+        return [list(v)]
+    if isinstance(v, list) and v and all(isinstance(x, list) and x and all(isinstance(t, int) and not isinstance(t, bool)
+                                                                          for t in x) for x in v):
+        return [list(x) for x in v]
+    if isinstance(v, list) and v and not all(isinstance(x, str) for x in v):
+        raise InvalidRequestError("'input' must be a string, an array of strings, an array of token ids or an array "
+                                  "of token-id arrays", param="input")
+    return list(_prompts(body, "input"))
+
+
+def _encoded(vector: Any, encoding: str) -> Any:
+    if encoding == "base64":  # little-endian float32, as OpenAI sends it
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+    return [float(x) for x in vector]
+
+
 @bp.post("/v1/embeddings")
 @bp.post("/embeddings")
 async def embeddings() -> tuple[Any, int]:
     body = await read_json()
     cfg = resolve_model(body)
-    inputs = _prompts(body, "input")
+    inputs = _embedding_inputs(body)
+    encoding = get_str(body, "encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise InvalidRequestError("'encoding_format' must be float or base64", param="encoding_format")
+    dimensions = get_int(body, "dimensions", lo=1)
     async with registry().use(cfg) as entry:
+        if dimensions is not None and dimensions != entry.llm.info["n_embd"]:
+            raise InvalidRequestError(f"this model's embeddings have {entry.llm.info['n_embd']} dimensions; it cannot "
+                                      f"give {dimensions}", param="dimensions")
         vectors = await entry.llm.aembed(inputs)
-        n_tokens = sum([len(await tokenize(entry, t)) for t in inputs])
+        n_tokens = sum([len(t) if isinstance(t, list) else len(await tokenize(entry, t)) for t in inputs])
     return {"object": "list", "model": body.get("model") or cfg.name,
-            "data": [{"object": "embedding", "index": i, "embedding": [float(x) for x in v]} for i, v in enumerate(vectors)],
+            "data": [{"object": "embedding", "index": i, "embedding": _encoded(v, encoding)} for i, v in enumerate(vectors)],
             "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}, 200
 
 

@@ -231,6 +231,30 @@ def test_seeds_beyond_32_bits_and_negative_seeds(server: Server) -> None:
     assert post(server, "/v1/chat/completions", {**body, "seed": -1}).status_code == 200  # random, as in LocalAI
 
 
+def test_embeddings_input_forms_and_encodings(server: Server, client: Any) -> None:
+    import base64
+
+    import numpy as np
+
+    text = client.embeddings.create(model="smol", input="hello world").data[0].embedding
+    toks = post(server, "/v1/tokenize", {"model": "smol", "content": "hello world"}).json()["tokens"]
+    by_tokens = post(server, "/v1/embeddings", {"model": "smol", "input": toks}).json()
+    assert np.allclose(by_tokens["data"][0]["embedding"], text, atol=1e-4) and by_tokens["usage"]["prompt_tokens"] == len(toks)
+    two = post(server, "/v1/embeddings", {"model": "smol", "input": [toks, toks[:1]]}).json()["data"]
+    assert len(two) == 2 and not np.allclose(two[0]["embedding"], two[1]["embedding"])
+    b64 = post(server, "/v1/embeddings", {"model": "smol", "input": "hello world", "encoding_format": "base64"}).json()
+    assert np.allclose(np.frombuffer(base64.b64decode(b64["data"][0]["embedding"]), dtype="<f4"), text, atol=1e-4)
+    assert client.embeddings.create(model="smol", input="hello world", dimensions=576).data[0].embedding == text
+    r = post(server, "/v1/embeddings", {"model": "smol", "input": "x", "dimensions": 64})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "dimensions"
+    r = post(server, "/v1/embeddings", {"model": "smol", "input": [10**7]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input"
+    # longer than 512 tokens (the old fixed size) still embeds; beyond the context it is a clear 400
+    assert post(server, "/v1/embeddings", {"model": "smol", "input": "word " * 700}).status_code == 200
+    r = post(server, "/v1/embeddings", {"model": "smol", "input": "word " * 3000})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
 def test_deeply_nested_json_is_a_400(server: Server) -> None:
     r = post(server, "/v1/chat/completions", "[" * 100000 + "]" * 100000)
     assert r.status_code == 400 and "nests" in r.json()["error"]["message"]
@@ -361,6 +385,8 @@ def test_embeddings_and_tokenize(server: Server, client: Any) -> None:
     ({"model": 5, "messages": [{"role": "user", "content": "x"}]}, "model"),
     ({"model": "smol", "messages": [{"role": "user", "content": "x"}], "top_k": 2**40}, "top_k"),
     ({"model": "smol", "messages": [{"role": "user", "content": "x"}], "seed": 2**70}, "seed"),
+    ({"model": "smol", "messages": [{"role": "user", "content": "x"}],
+      "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}}, "response_format"),
 ])
 def test_bad_input_is_a_400_in_openai_shape(server: Server, body: Any, param: str | None) -> None:
     r = post(server, "/v1/chat/completions", body)
