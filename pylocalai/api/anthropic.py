@@ -117,6 +117,8 @@ def parse_messages(value: Any, system: Any) -> list[dict[str, Any]]:
             continue
         if not isinstance(content, list):
             raise InvalidRequestError(f"{where}.content must be a string or an array of blocks", param=f"{where}.content")
+        if not content and role == "user":
+            raise InvalidRequestError(f"{where}.content must not be empty", param=f"{where}.content")
         text, calls, thinking = [], [], []
         media: list[MediaRef] = []
         for j, b in enumerate(content):
@@ -222,7 +224,7 @@ class MessagesCall:
         self.stream = bool(get_bool(body, "stream", False))
         fields = {} if count_only else {
             "max_tokens": max(1, self.max_tokens),
-            "temperature": get_float(body, "temperature", lo=0.0, hi=2.0),
+            "temperature": get_float(body, "temperature", lo=0.0, hi=1.0),  # Anthropic's range
             "top_p": get_float(body, "top_p", lo=0.0, hi=1.0),
             "top_k": get_int(body, "top_k", lo=0, hi=2**31 - 1),
             "ignore_eos": get_bool(body, "ignore_eos"),  # llama.cpp extension, as on the other endpoints

@@ -219,7 +219,7 @@ class ChatCall:
         self.stream = bool(get_bool(body, "stream", False))
         opts = body.get("stream_options")
         self.include_usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
-        self.n = get_int(body, "n", 1, lo=1, hi=16)
+        self.n = get_int(body, "n", 1, lo=0, hi=16) or 1  # n 0 is one choice, as in LocalAI
         self.parallel_tool_calls = bool(get_bool(body, "parallel_tool_calls", False))
         lp = body.get("logprobs")
         self.top_logprobs = get_int(body, "top_logprobs", lo=0, hi=20)

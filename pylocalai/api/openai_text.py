@@ -81,7 +81,7 @@ async def completions(model: str | None = None) -> Response | tuple[Any, int]:
     cfg = resolve_model(body)
     prompts = _prompts(body)
     stream = bool(get_bool(body, "stream", False))
-    n = get_int(body, "n", 1, lo=1, hi=16)
+    n = get_int(body, "n", 1, lo=0, hi=16) or 1  # n 0 is one choice, as in LocalAI
     echo = bool(get_bool(body, "echo", False))
     n_logprobs = get_int(body, "logprobs", lo=0, hi=20)
     sampling = request_sampling(body)
@@ -186,7 +186,8 @@ async def edits() -> tuple[Any, int]:
             toks = await tokenize(entry, render_edit(cfg, instruction, text))
             results.append(await collect(entry, make_request(toks, sampling)))
     return {"id": "edit-" + uuid.uuid4().hex, "object": "edit", "created": int(time.time()), "model": body.get("model") or cfg.name,
-            "choices": [{"index": i, "text": t, "finish_reason": f.reason.value} for i, (t, f, _) in enumerate(results)],
+            # finish_reason is null on edits (LocalAI's wire shape)
+            "choices": [{"index": i, "text": t, "finish_reason": None} for i, (t, _, _) in enumerate(results)],
             # each input is a prompt of its own: their prompt tokens add up
             "usage": usage_json(Usage(sum(f.usage.prompt_tokens for _, f, _ in results),
                                       sum(f.usage.completion_tokens for _, f, _ in results)))}, 200

@@ -169,6 +169,8 @@ def test_count_tokens(server: Server, client: Any) -> None:
     ({"model": "smol", "max_tokens": 5}, 400, "invalid_request_error"),
     ({"model": "smol", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}, 400, "invalid_request_error"),
     ({"model": "nope", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}, 404, "not_found_error"),
+    ({"model": "smol", "max_tokens": 5, "messages": [{"role": "user", "content": []}]}, 400, "invalid_request_error"),
+    ({"model": "smol", "max_tokens": 5, "temperature": 1.5, "messages": [{"role": "user", "content": "x"}]}, 400, "invalid_request_error"),
     ({"model": "smol", "max_tokens": 5, "messages": [{"role": "user", "content": [
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}]}, 400, "invalid_request_error"),
 ])

@@ -214,6 +214,13 @@ def test_streamed_completions_carry_every_choice_and_logprobs(server: Server) ->
     assert usage["prompt_tokens"] == one["usage"]["prompt_tokens"]  # the prompt counts once for its n choices
 
 
+def test_n_zero_is_one_choice_and_edits_finish_reason_is_null(server: Server) -> None:
+    r = post(server, "/v1/chat/completions", {"model": "smol", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "n": 0})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1
+    r = post(server, "/v1/edits", {"model": "smol", "instruction": "Fix", "input": "helo", "max_tokens": 2})
+    assert r.json()["choices"][0]["finish_reason"] is None
+
+
 def test_edits_count_the_prompt_tokens_of_every_input(server: Server) -> None:
     inputs = ["helo", "wrld is a very long input with many words in it"]
     each = [post(server, "/v1/edits", {"model": "smol", "instruction": "Fix", "input": t, "max_tokens": 2}).json()["usage"]
