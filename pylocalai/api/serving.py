@@ -184,7 +184,10 @@ async def choice_nursery() -> AsyncIterator[trio.Nursery]:
             yield nursery
     except BaseExceptionGroup as group:
         ours, rest = group.split(PylocalaiError)
-        if ours is None or rest is not None:
+        # the siblings' cancellation may ride along; a cancel from outside is delivered again at the
+        # next checkpoint, so only other failures keep the group
+        others = rest.split(trio.Cancelled)[1] if rest is not None else None
+        if ours is None or others is not None:
             raise
         first: BaseException = ours
         while isinstance(first, BaseExceptionGroup):
