@@ -303,9 +303,16 @@ class Llama:
         return self._worker
 
     def close(self) -> None:
-        """Stop the engine thread (running generations finish with an error) and free the model."""
+        """Stop the engine thread (running generations finish with an error) and free the model: its
+        memory (and the buffers it holds on GPUs or RPC servers) is released now, not whenever the
+        garbage collector gets to this object. Using the model afterwards is an EngineError."""
         self._worker.close()
-        self._embed_session = None
+        if not self._worker.stopped:  # closed from the engine thread itself: it still holds the session
+            return
+        with self._embed_lock:
+            self._embed_session = None
+        self._scheduler.release_session()
+        self._session = self._projector = self._model = _CLOSED
 
     def __enter__(self) -> Llama:
         return self
@@ -552,6 +559,19 @@ class Llama:
 
     async def aembed(self, texts: str | Sequence[str] | Sequence[Sequence[int]], *, normalize: bool = True) -> np.ndarray:
         return await trio.to_thread.run_sync(lambda: self.embed(texts, normalize=normalize))
+
+
+class _Closed:
+    """Stands for the native model, session and projector of a closed Llama."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise EngineError("this model is closed")
+
+    def __bool__(self) -> bool:
+        return False
+
+
+_CLOSED: Any = _Closed()
 
 
 def _check_cache_types(info: dict[str, Any], type_k: str, type_v: str) -> None:

@@ -5,6 +5,7 @@
 
 #include "chat.h"
 #include "common.h"
+#include "ggml-rpc.h"
 #include "json-schema-to-grammar.h"
 #include "llama.h"
 #include "log.h"
@@ -135,16 +136,37 @@ llama_model * load_model(const ModelParams & p) {
     mp.vocab_only = p.vocab_only;
     std::vector<float> split;
     mp.tensor_split = tensor_split_into(p.tensor_split, split);
-    std::string rpc;  // ik takes the servers as one comma-separated string
+    // ik takes the RPC devices as one comma-separated string of "host:port|device": each server
+    // stands for all of its devices, as ik's own --rpc expands it. (A bare "host:port" would parse
+    // to an empty endpoint.)
+    std::string rpc;
+    std::string rpc_devices;  // the same devices by ik's names for them, "RPC<d>[host:port]"
     for (const auto & endpoint : p.rpc_servers) {
-        rpc += (rpc.empty() ? "" : ",") + endpoint;
+        if (endpoint.find('|') != std::string::npos) {
+            rpc += (rpc.empty() ? "" : ",") + endpoint;
+            continue;
+        }
+        const uint32_t n_dev = ggml_backend_rpc_get_device_count(endpoint.c_str());
+        if (n_dev == 0) {
+            throw EngineError("cannot reach RPC server " + endpoint);
+        }
+        for (uint32_t d = 0; d < n_dev; ++d) {
+            rpc += (rpc.empty() ? "" : ",") + endpoint + "|" + std::to_string(d);
+            rpc_devices += (rpc_devices.empty() ? "RPC" : ",RPC") + std::to_string(d) + "[" + endpoint + "]";
+        }
     }
     if (!rpc.empty()) {
         mp.rpc_servers = rpc.c_str();
     }
     // Without a GPU backend or RPC server ik takes the CPU for offload device 0 and warns that it
     // has no free memory. It has no "negative: all layers" either.
-    const bool can_offload = backend_names().size() > 1 || !rpc.empty();
+    const bool has_gpu = backend_names().size() > 1;  // ik lists its GPU backends beside the CPU (RPC is not one)
+    const bool can_offload = has_gpu || !rpc.empty();
+    if (!has_gpu && !rpc_devices.empty()) {
+        // A CPU-only build would also count the CPU as an offload device with no free memory, and split
+        // the offloaded layers by free memory: offload to the RPC servers' devices alone.
+        mp.devices = rpc_devices.c_str();
+    }
     mp.n_gpu_layers = !can_offload ? 0 : (p.n_gpu_layers < 0 ? 999 : p.n_gpu_layers);
     // ik's own CLI default (its C default is 0): MLA-ready weights for the context's default mla_attn=3
     mp.mla = p.mla.value_or(3);

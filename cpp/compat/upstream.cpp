@@ -21,10 +21,12 @@ namespace {
 std::once_flag g_backend_once;
 
 
-void add_rpc_servers(const std::vector<std::string> & servers) {
-    if (servers.empty()) {
-        return;
-    }
+// The devices a model offloads to when it names RPC servers: the servers' devices first (as
+// llama.cpp orders them, to keep network transfers low), then the local GPUs, NULL-terminated.
+// The servers are not registered with ggml globally, as llama.cpp's own --rpc does: a registered
+// server would be one of every later model's devices, so a server that went away would abort the
+// loading of models that never asked for it.
+std::vector<ggml_backend_dev_t> rpc_model_devices(const std::vector<std::string> & servers) {
     ggml_backend_reg_t reg = ggml_backend_reg_by_name("RPC");
     if (reg == nullptr) {
         throw std::invalid_argument("this build has no ggml RPC backend");
@@ -34,13 +36,24 @@ void add_rpc_servers(const std::vector<std::string> & servers) {
     if (fn == nullptr) {
         throw std::invalid_argument("ggml RPC backend lacks ggml_backend_rpc_add_server");
     }
+    std::vector<ggml_backend_dev_t> devices;
     for (const auto & endpoint : servers) {
         ggml_backend_reg_t server = fn(endpoint.c_str());
         if (server == nullptr) {
             throw EngineError("cannot reach RPC server " + endpoint);
         }
-        ggml_backend_register(server);
+        for (size_t i = 0; i < ggml_backend_reg_dev_count(server); ++i) {
+            devices.push_back(ggml_backend_reg_dev_get(server, i));
+        }
     }
+    for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_GPU) {
+            devices.push_back(dev);
+        }
+    }
+    devices.push_back(nullptr);
+    return devices;
 }
 
 PerModelCache<common_chat_templates_ptr> g_templates;
@@ -108,8 +121,12 @@ std::vector<std::string> cache_type_names() {
 llama_model * load_model(const ModelParams & p) {
     reject_ik_only(p);
     backend_init();
-    add_rpc_servers(p.rpc_servers);
     llama_model_params mp = llama_model_default_params();
+    std::vector<ggml_backend_dev_t> devices;  // outlives the load, which reads the list
+    if (!p.rpc_servers.empty()) {
+        devices = rpc_model_devices(p.rpc_servers);
+        mp.devices = devices.data();
+    }
     mp.n_gpu_layers = p.n_gpu_layers;
     mp.main_gpu = p.main_gpu;
     mp.load_mode = p.use_mmap ? (p.use_mlock ? LLAMA_LOAD_MODE_MMAP_MLOCK : LLAMA_LOAD_MODE_MMAP)

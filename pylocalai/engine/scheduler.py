@@ -377,6 +377,11 @@ class Scheduler:
             decoded,
         )
 
+    def release_session(self) -> None:
+        """Drop the reference to the engine session (the model is being closed); the engine thread has ended."""
+        self._session = None  # type: ignore[assignment]
+        self._projector = None
+
     def drop_idle_caches(self) -> bool:
         """Free KV held by idle slots (their prefix cache); True if anything was freed. Engine thread only."""
         freed = False

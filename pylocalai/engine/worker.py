@@ -111,6 +111,11 @@ class EngineWorker:
         if threading.current_thread() is not self._thread:
             self._thread.join()
 
+    @property
+    def stopped(self) -> bool:
+        """The engine thread has ended: nothing uses the session any more."""
+        return self._closed and not self._thread.is_alive()
+
     # ------------------------------------------------------------ streams
 
     @contextmanager

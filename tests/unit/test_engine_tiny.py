@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import trio
 
-from pylocalai import ContextLengthError, InvalidRequestError, Llama
+from pylocalai import ContextLengthError, EngineError, InvalidRequestError, Llama
 
 pytestmark = pytest.mark.engine
 
@@ -413,3 +413,24 @@ def test_a_user_grammar_replaces_the_templates_grammar_setup(tool_llm: Llama) ->
     res = tool_llm.chat([{"role": "user", "content": "?"}], json_schema=schema, grammar='root ::= "yes"',
                         max_tokens=5, temperature=0.0)
     assert res.raw_text == "yes"
+
+
+def test_close_frees_the_model_at_once(backend: str, tiny_llama: Path) -> None:
+    import gc
+    import weakref
+
+    gc.disable()  # only reference counting: the model must go at close(), not at a later collection
+    try:
+        llm = Llama(tiny_llama, backend=backend, n_ctx=256, n_parallel=1, n_threads=2)
+        assert llm.complete("x", max_tokens=2, ignore_eos=True).usage.completion_tokens == 2
+        info = llm.info
+        native = weakref.ref(llm._model)
+        llm.close()
+        assert native() is None  # the native model (and its context) are gone
+        assert llm.info == info  # what was read at load stays readable
+        with pytest.raises(EngineError, match="closed"):
+            llm.tokenize("x")
+        with pytest.raises(EngineError, match="closed"):
+            llm.complete("x", max_tokens=1)
+    finally:
+        gc.enable()
