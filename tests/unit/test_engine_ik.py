@@ -160,6 +160,13 @@ def test_fused_moe_up_gate_fuses_the_experts(ik_engine: Any, tiny_moe: Path) -> 
     assert unfused.get("MUL_MAT_ID:q8_0", 0) > fused.get("MUL_MAT_ID:q8_0", 0)
 
 
+def test_fused_mmad_fuses_the_weighted_sum_of_the_experts(ik_engine: Any, tiny_moe: Path) -> None:
+    on = ops_of(ik_engine, tiny_moe, fused_mmad=True)
+    off = ops_of(ik_engine, tiny_moe, fused_mmad=False)
+    assert on.get("MUL_MULTI_ADD", 0) > 0 and off.get("MUL_MULTI_ADD", 0) == 0
+    assert off.get("MUL", 0) > on.get("MUL", 0)  # unfused: the experts' outputs times their weights, then added
+
+
 def test_merge_up_gate_exps_merges_the_expert_weights(ik_engine: Any, tmp_path: Path, tiny_moe: Path) -> None:
     qwen3moe = ggufgen.write_tiny_llama(tmp_path / "tiny-qwen3moe.gguf", dtype="q8_0", arch="qwen3moe",
                                         n_expert=4, n_expert_used=2)
