@@ -7,7 +7,9 @@ sets PYLOCALAI_REQUIRE_ALL=1, which turns every such skip into a failure, so CI 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,16 @@ def _missing(reason: str) -> None:
     if REQUIRE_ALL:
         pytest.fail(f"PYLOCALAI_REQUIRE_ALL is set but {reason}")
     pytest.skip(reason, allow_module_level=True)
+
+
+def bench_module(name: str) -> Any:
+    """A script of bench/ (engine_bench, server_bench) imported as a module, for its tests."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "bench" / f"{name}.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, mod)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def import_or_missing(name: str) -> Any:

@@ -25,6 +25,14 @@ CREATE TABLE IF NOT EXISTS responses (
     events TEXT NOT NULL
 )
 """
+# output items by id, for input items of type item_reference
+_ITEMS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id TEXT PRIMARY KEY,
+    response_id TEXT NOT NULL,
+    item TEXT NOT NULL
+)
+"""
 TERMINAL = {"completed", "incomplete", "failed", "cancelled"}
 
 
@@ -37,6 +45,7 @@ class ResponseStore:
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
+        self._db.execute(_ITEMS_SCHEMA)
 
     def recover(self) -> int:
         """Runs left queued or in progress by a previous process: failed, never in progress forever."""
@@ -57,10 +66,14 @@ class ResponseStore:
                 (response["id"], response.get("created_at") or time.time(), response["status"], json.dumps(response),
                  json.dumps(input_items), json.dumps(events)),
             )
+            self._db.executemany("INSERT OR REPLACE INTO items (id, response_id, item) VALUES (?, ?, ?)",
+                                 [(o["id"], response["id"], json.dumps(o)) for o in response.get("output") or []
+                                  if isinstance(o, dict) and o.get("id")])
             self._db.execute(
                 "DELETE FROM responses WHERE id NOT IN (SELECT id FROM responses ORDER BY created_at DESC LIMIT ?)",
                 (self.max_items,),
             )
+            self._db.execute("DELETE FROM items WHERE response_id NOT IN (SELECT id FROM responses)")
 
     def get(self, rid: str) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]] | None:
         with self._lock:
@@ -69,8 +82,15 @@ class ResponseStore:
             return None
         return json.loads(row[0]), json.loads(row[1]), json.loads(row[2])
 
+    def item(self, item_id: str) -> dict[str, Any] | None:
+        """An output item of a stored response, by its id (msg_..., fc_..., rs_...)."""
+        with self._lock:
+            row = self._db.execute("SELECT item FROM items WHERE id = ?", (item_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
     def delete(self, rid: str) -> bool:
         with self._lock:
+            self._db.execute("DELETE FROM items WHERE response_id = ?", (rid,))
             return self._db.execute("DELETE FROM responses WHERE id = ?", (rid,)).rowcount > 0
 
     def close(self) -> None:

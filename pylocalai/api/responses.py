@@ -7,7 +7,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import trio
@@ -107,9 +107,27 @@ def normalize_input(value: Any) -> list[dict[str, Any]]:
         elif kind == "reasoning":
             texts = [c.get("text", "") for c in (it.get("content") or []) + (it.get("summary") or []) if isinstance(c, dict)]
             items.append({"type": "reasoning", "text": "".join(texts)})
+        elif kind == "item_reference":
+            if not isinstance(it.get("id"), str) or not it["id"]:
+                raise InvalidRequestError(f"{where}.id is required", param=f"{where}.id")
+            items.append({"type": "item_reference", "id": it["id"], "param": f"{where}.id"})  # resolved by resolve_references
         else:
             raise InvalidRequestError(f"{where}: unsupported item type {kind!r}", param=f"{where}.type")
     return items
+
+
+def resolve_references(items: list[dict[str, Any]], find: Callable[[str], dict[str, Any] | None]) -> list[dict[str, Any]]:
+    """Input items of type item_reference replaced by the stored output items they name."""
+    out: list[dict[str, Any]] = []
+    for it in items:
+        if it["type"] != "item_reference":
+            out.append(it)
+            continue
+        found = find(it["id"])
+        if found is None:
+            raise NotFoundError(f"item {it['id']} not found", param=it["param"])
+        out.extend(items_from_output([found]))
+    return out
 
 
 def items_from_output(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -167,7 +185,7 @@ class ResponsesCall:
             raise InvalidRequestError("background responses must be stored (store: true)", param="background")
         self.stream = bool(get_bool(body, "stream", False))
         self.instructions = get_str(body, "instructions")
-        items = normalize_input(body.get("input"))
+        items = resolve_references(normalize_input(body.get("input")), store().item)
         self.previous_id = get_str(body, "previous_response_id")
         if self.previous_id:
             prev = store().get(self.previous_id)

@@ -148,6 +148,20 @@ def test_allowed_tools_offers_only_the_listed_tools(server: Server) -> None:
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tool_choice" and "nope" in bad.json()["error"]["message"]
 
 
+def test_item_reference_brings_back_a_stored_item(client: Any, server: Server) -> None:
+    r = client.responses.create(model="smol", input="Say hello to the crew of the ship.", max_output_tokens=12)
+    msg = next(o for o in r.output if o.type == "message")
+    ask = {"type": "message", "role": "user", "content": "Say it again."}
+    alone = post(server, {"model": "smol", "input": [ask], "max_output_tokens": 2}).json()
+    with_ref = post(server, {"model": "smol", "input": [{"type": "item_reference", "id": msg.id}, ask], "max_output_tokens": 2})
+    assert with_ref.status_code == 200, with_ref.text
+    # the referenced assistant message is part of the prompt now
+    assert with_ref.json()["usage"]["input_tokens"] >= alone["usage"]["input_tokens"] + r.usage.output_tokens
+    missing = post(server, {"model": "smol", "input": [{"type": "item_reference", "id": "msg_nope"}]})
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "input[0].id"
+    assert missing.json()["error"]["type"] == "not_found"
+
+
 def test_json_schema_text_format(client: Any) -> None:
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}}, "required": ["city"], "additionalProperties": False}
     r = client.responses.create(model="smol", input="Capital of France?", max_output_tokens=40,

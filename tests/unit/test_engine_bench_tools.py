@@ -4,26 +4,18 @@ asserts no speed (speed targets live in bench/, measured side by side)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from tests.conftest import ENGINES, _engine_module, _engine_tool
-from tests.ggufgen import ROOT
+from tests.conftest import ENGINES, _engine_module, _engine_tool, bench_module
 
 
 def _engine_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("engine_bench", ROOT / "bench" / "engine_bench.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("engine_bench", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("engine_bench")
 
 
 def test_batched_bench_reference_parses(backend: str, tiny_llama: Path, tmp_path: Path,

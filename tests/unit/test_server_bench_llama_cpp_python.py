@@ -8,10 +8,8 @@ its tokens from the `length` finish, and takes prompt token counts from a non-st
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,18 +20,13 @@ from typing import Any
 import pytest
 import trio
 
-from tests.ggufgen import ROOT
+from tests.conftest import bench_module
 
 pytestmark = pytest.mark.engine  # eog_tokens() reads the vocabulary with the llama.cpp engine
 
 
 def _server_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("server_bench", ROOT / "bench" / "server_bench.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("server_bench", mod)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("server_bench")
 
 
 PROMPT_TOKENS = 37
