@@ -326,7 +326,9 @@ async def run_load(base: str, endpoint: str, model: str, jobs: list[tuple[str | 
     """Run `jobs` (system, user) with `concurrency` clients; returns results in job order and wall time."""
     results: list[Result] = [Result(ok=False, error="not run (time limit)") for _ in jobs]
     queue = iter(range(len(jobs)))
-    limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2)
+    # a fresh connection per request, for every server alike: a pooled one that the server has just
+    # closed (llama-server ends keep-alive connections after a few requests) fails the next request
+    limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(time_limit), limits=limits) as client:
         async def worker() -> None:
             for i in queue:
