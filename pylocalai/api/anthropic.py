@@ -24,6 +24,7 @@ from pylocalai.api.serving import (
     sampling_for,
 )
 from pylocalai.api.wire import (
+    INT32_MAX,
     get_bool,
     get_float,
     get_int,
@@ -226,7 +227,7 @@ class MessagesCall:
             "max_tokens": max(1, self.max_tokens),
             "temperature": get_float(body, "temperature", lo=0.0, hi=1.0),  # Anthropic's range
             "top_p": get_float(body, "top_p", lo=0.0, hi=1.0),
-            "top_k": get_int(body, "top_k", lo=0, hi=2**31 - 1),
+            "top_k": get_int(body, "top_k", lo=0, hi=INT32_MAX),
             "ignore_eos": get_bool(body, "ignore_eos"),  # llama.cpp extension, as on the other endpoints
         }
         self.grammar = get_str(body, "grammar", "")  # LocalAI extension (GBNF), as on chat completions

@@ -27,6 +27,7 @@ from pylocalai.api.serving import (
     sampling_for,
 )
 from pylocalai.api.wire import (
+    INT32_MAX,
     SSE_DONE,
     SSE_HEADERS,
     get_bool,
@@ -137,9 +138,6 @@ def parse_response_format(body: dict[str, Any]) -> dict[str, Any] | None:
         raise InvalidRequestError("'response_format.json_schema.schema' must be a JSON schema object",
                                   param="response_format.json_schema")
     return schema
-
-
-INT32_MAX = 2**31 - 1
 
 
 def engine_seed(seed: int | None) -> int | None:

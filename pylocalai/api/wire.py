@@ -110,6 +110,9 @@ def get_logit_bias(obj: dict[str, Any], key: str = "logit_bias") -> tuple[tuple[
     return tuple(out)
 
 
+INT32_MAX = 2**31 - 1  # the largest count a 32-bit engine field takes (top_k, repeat_last_n)
+
+
 def template_value(v: Any) -> Any:
     """A metadata value as a chat template sees it: the strings "true"/"false" (metadata maps hold
     strings) become booleans, so `{"enable_thinking": "false"}` turns thinking off."""
