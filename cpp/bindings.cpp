@@ -326,6 +326,7 @@ void register_session(py::module_ & m) {
         .def("weights_used", &Session::weights_used)
         .def("reset_op_counts", &Session::reset_op_counts)
         .def("can_shift", &Session::can_shift)
+        .def_property_readonly("graphs_reused", &Session::graphs_reused)
         .def("embed",
              [](Session & s, const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & tokens,
                 bool normalize) {

@@ -333,6 +333,7 @@ void Session::seq_add(int32_t seq, int32_t p0, int32_t p1, int32_t delta) {
 int32_t Session::seq_pos_max(int32_t seq) const { return compat::seq_pos_max(ctx_, seq); }
 void Session::clear() { compat::memory_clear(ctx_); }
 bool Session::can_shift() const { return compat::can_shift(ctx_); }
+int32_t Session::graphs_reused() const { return compat::graphs_reused(ctx_); }
 
 std::vector<float> Session::embed(const std::vector<int32_t> & tokens, bool normalize) {
     if (tokens.empty()) {

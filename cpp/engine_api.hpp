@@ -246,6 +246,7 @@ public:
     int32_t seq_pos_max(int32_t seq) const;
     void clear();
     bool can_shift() const;
+    int32_t graphs_reused() const;
 
     // Pooled embedding of one token sequence (context made with embeddings=true).
     std::vector<float> embed(const std::vector<int32_t> & tokens, bool normalize);

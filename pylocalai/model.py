@@ -235,6 +235,7 @@ class Llama:
             slot_prompt_similarity=slot_prompt_similarity,
             context_shift=context_shift,
             projector=self._projector,
+            kv_streams=self.engine_name != "ik_llama_cpp" and not kv_unified,
         )
         self._worker = EngineWorker(self._scheduler, name=os.path.basename(path))
         if warmup:

@@ -48,6 +48,8 @@ void seq_add(llama_context * ctx, int32_t seq, int32_t p0, int32_t p1, int32_t d
 int32_t seq_pos_max(llama_context * ctx, int32_t seq);
 void memory_clear(llama_context * ctx);
 bool can_shift(llama_context * ctx);
+// Decodes that reused the previous step's compute graph instead of building one; -1 where the fork does not count.
+int32_t graphs_reused(llama_context * ctx);
 
 ChatPrompt chat_apply(llama_model * model, const ChatOptions & opts);
 std::string chat_parse(const std::string & text, const ChatParseOptions & opts);

@@ -285,6 +285,7 @@ int32_t seq_pos_max(llama_context * ctx, int32_t seq) {
     return llama_kv_cache_seq_pos_min(ctx, seq) < 0 ? -1 : llama_kv_cache_seq_pos_max(ctx, seq);
 }
 void memory_clear(llama_context * ctx) { llama_kv_cache_clear(ctx); }
+int32_t graphs_reused(llama_context * /*ctx*/) { return -1; }  // ik keeps no such count
 
 bool can_shift(llama_context * ctx) {
     // ik has no can_shift call; these are the cases its K-shift refuses (MLA caches, imrope) or that

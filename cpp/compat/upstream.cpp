@@ -211,6 +211,7 @@ void seq_add(llama_context * ctx, int32_t seq, int32_t p0, int32_t p1, int32_t d
 int32_t seq_pos_max(llama_context * ctx, int32_t seq) { return llama_memory_seq_pos_max(llama_get_memory(ctx), seq); }
 void memory_clear(llama_context * ctx) { llama_memory_clear(llama_get_memory(ctx), true); }
 bool can_shift(llama_context * ctx) { return llama_memory_can_shift(llama_get_memory(ctx)); }
+int32_t graphs_reused(llama_context * ctx) { return llama_perf_context(ctx).n_reused; }
 
 ChatPrompt chat_apply(llama_model * model, const ChatOptions & o) {
     const common_chat_templates * tmpls = templates_for(model, o.template_override);

@@ -101,6 +101,7 @@ class Scheduler:
         cache_prompt: bool = True,
         context_shift: bool = False,
         projector: Any = None,
+        kv_streams: bool = True,
     ) -> None:
         self._session = session
         self._projector = projector  # the engine's Projector: evaluates a prompt's media items
@@ -117,6 +118,7 @@ class Scheduler:
         self._cache_prompt = cache_prompt
         self._prefill_budget = self._n_batch
         self._context_shift = context_shift
+        self._kv_streams = kv_streams  # one KV stream per sequence (llama.cpp, not unified): keep ids consecutive
         self.stats = SchedulerStats()
 
     # ------------------------------------------------------------ public
@@ -124,6 +126,12 @@ class Scheduler:
     @property
     def n_ctx_seq(self) -> int:
         return self._n_ctx_seq
+
+    @property
+    def graphs_reused(self) -> int:
+        """Steps whose decode reused the previous compute graph (llama.cpp skips rebuilding it when the
+        batch has the same shape); -1 where the engine does not count them."""
+        return int(getattr(self._session, "graphs_reused", -1))
 
     @property
     def n_slots(self) -> int:
@@ -257,19 +265,27 @@ class Scheduler:
                 out.append((req.request_id, [Finished(FinishReason.ERROR, Usage(len(req.prompt_tokens), 0), error=err)]))
 
     def _pick_slot(self, idle: list[_Slot], prompt: Sequence[int]) -> _Slot:
+        reuse: dict[int, int] = {}  # seq -> cached prefix length, where it is similar enough to reuse
         if self._cache_prompt:
-            best, best_sim = None, -1.0
             for slot in idle:
                 lcp = _common_prefix(slot.cached, prompt)
-                sim = lcp / len(prompt)
-                if lcp > 0 and sim > best_sim:
-                    best, best_sim = slot, sim
-            if best is not None and best_sim >= self._similarity:
-                return best
-        # An empty slot first (other slots keep their prefix caches), then the lowest sequence id: with
-        # per-sequence KV streams llama.cpp only puts sequences with consecutive ids into one ubatch,
-        # so scattered ids would split each step into several decodes.
-        return min(idle, key=lambda s: (bool(s.cached), s.seq))
+                if lcp > 0 and lcp / len(prompt) >= self._similarity:
+                    reuse[slot.seq] = lcp
+        # With per-sequence KV streams llama.cpp puts only sequences with consecutive ids into one
+        # ubatch: active ids {0, 2, 3} make every step two decodes ({0}, {2, 3}), each rebuilding its
+        # graph. So: a long cached prefix first (it saves more than a few split steps cost, and the
+        # next request fills the gap), then the slot that leaves the fewest runs of consecutive
+        # active ids, then any reusable prefix, then an empty slot (the others keep their prefix
+        # caches), then the lowest id.
+        active = [s.seq for s in self._slots if s.state is not SlotState.IDLE] if self._kv_streams else None
+
+        def rank(slot: _Slot) -> tuple[bool, int, int, int, bool, int]:
+            lcp = reuse.get(slot.seq, 0)
+            long = lcp >= _LONG_PREFIX
+            runs = _runs([*active, slot.seq]) if active is not None else 0
+            return (not long, -lcp if long else 0, runs, -lcp, bool(slot.cached), slot.seq)
+
+        return min(idle, key=rank)
 
     def _start(self, slot: _Slot, req: EngineRequest) -> None:
         prompt = req.prompt_tokens
@@ -483,6 +499,15 @@ def _span_at(media: Sequence[MediaSpan], index: int) -> MediaSpan | None:
         if span.start > index:
             return None
     return None
+
+
+_LONG_PREFIX = 256  # cached tokens worth taking a slot for even if its id is not next to the active ones
+
+
+def _runs(seqs: list[int]) -> int:
+    """How many runs of consecutive ids seqs makes: [0, 1, 2] is one, [0, 2, 3] two."""
+    ids = sorted(seqs)
+    return 1 + sum(1 for a, b in zip(ids, ids[1:]) if b != a + 1)
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -226,6 +226,38 @@ def test_concurrent_generations_share_batches_and_match_solo(llm: Llama) -> None
     assert llm.scheduler.stats.max_seqs_per_step >= 2
 
 
+def test_decode_steps_of_one_shape_reuse_the_graph(llm: Llama) -> None:
+    # llama.cpp skips rebuilding the compute graph when a step has the previous step's shape (one
+    # token for each of the same sequences): the server's steady state. A step that broke it (a
+    # context call between steps, a changed sampler set) would rebuild every time and run slower.
+    before = llm.scheduler.graphs_reused
+    if before < 0:
+        assert llm.engine_name == "ik_llama_cpp", "only ik_llama.cpp keeps no count"
+        return
+    llm.complete("alpha", max_tokens=24, temperature=0.0, ignore_eos=True)
+    solo = llm.scheduler.graphs_reused - before
+    assert solo >= 20  # 23 decode steps after the prompt: the first builds, the rest reuse
+
+    # three sequences decoding together: hold the engine thread while they are submitted, so that all
+    # three start in one step; after their prompts every step has the same shape
+    gate = threading.Event()
+    holder = threading.Thread(target=llm.worker.call, args=(gate.wait,))
+    holder.start()
+    threads = [threading.Thread(target=llm.complete, args=(p,), kwargs={"max_tokens": 24, "temperature": 0.0, "ignore_eos": True})
+               for p in ("alpha", "beta", "gamma")]
+    for t in threads:
+        t.start()
+    wait_until(lambda: llm.worker._inbox.qsize() == 3)
+    before = llm.scheduler.graphs_reused
+    steps = llm.scheduler.stats.steps
+    gate.set()
+    for t in [holder, *threads]:
+        t.join()
+    # the prompt step(s) and the first decode build; the rest reuse, because the scheduler gave the
+    # three consecutive sequence ids (scattered ones split every step in two decodes of two shapes)
+    assert llm.scheduler.graphs_reused - before >= (llm.scheduler.stats.steps - steps) - 4
+
+
 def test_leaving_a_stream_early_frees_the_slot(llm: Llama) -> None:
     gen = llm.generate("x", max_tokens=400, temperature=0.0, ignore_eos=True)
     first = next(gen)

@@ -257,3 +257,22 @@ def test_context_shift_keeps_generating_past_the_context() -> None:
     assert fin.reason is FinishReason.LENGTH and fin.usage.completion_tokens == 20
     assert sched.stats.context_shifts >= 2
     assert shifts[0] == (0, 4, -1, -3)  # keep 1, drop the older half of the other 7 (3), move the rest down
+
+
+def test_a_new_request_keeps_the_active_sequence_ids_consecutive() -> None:
+    # llama.cpp decodes only consecutive sequence ids in one ubatch (per-sequence KV streams): a
+    # request placed in an empty slot 2 next to an active slot 0 would split every step in two.
+    sess = FakeSession(n_seq_max=4, n_batch=64)
+    sched = Scheduler(sess)
+    sched.submit(req("a", [1, 2, 3], max_tokens=2))
+    sched.submit(req("b", [20, 21, 22], max_tokens=2))
+    run(sched)
+    assert sorted(sess.kv) == [0, 1]  # slots 0 and 1 hold caches, 2 and 3 are empty
+    sched.submit(req("c", [1, 2, 3, 4], max_tokens=20))  # reuses slot 0's prefix
+    sched.step()
+    sched.submit(req("d", [40, 41], max_tokens=2))
+    sched.step()
+    seqs = {seq for (seq, tok, _, _) in sess.steps[-1]}
+    assert seqs == {0, 1}  # d took slot 1 (dropping its cache), not the empty slot 2
+    assert sess.kv[1][:2] == [40, 41]
+    assert finished(run(sched)["d"]).reason is FinishReason.LENGTH
