@@ -25,6 +25,8 @@ from pylocalai.api.serving import (
 )
 from pylocalai.api.wire import (
     INT32_MAX,
+    SLOT,
+    FrameTemplate,
     get_bool,
     get_float,
     get_int,
@@ -343,6 +345,8 @@ async def _stream(call: MessagesCall, entry: LoadedModel, prep: PreparedChat) ->
         open_kind = None
         return frames
 
+    text_delta: dict[int, FrameTemplate] = {}
+
     def frames_for(d: Any) -> list[bytes]:
         nonlocal open_call
         out: list[bytes] = []
@@ -354,8 +358,10 @@ async def _stream(call: MessagesCall, entry: LoadedModel, prep: PreparedChat) ->
         if d.content:
             if open_kind != "text":
                 out += start("text", {"type": "text", "text": ""})
-            out.append(sse_event("content_block_delta", {"type": "content_block_delta", "index": index,
-                                                         "delta": {"type": "text_delta", "text": d.content}}))
+            if index not in text_delta:  # the per-token frame, encoded once per block
+                text_delta[index] = FrameTemplate({"type": "content_block_delta", "index": index,
+                                                   "delta": {"type": "text_delta", "text": SLOT}}, "content_block_delta")
+            out.append(text_delta[index](d.content))
         for c in d.calls or []:
             if c.id is not None:
                 out += start("tool_use", {"type": "tool_use", "id": _tool_id(c.id), "name": c.name, "input": {}})

@@ -28,8 +28,10 @@ from pylocalai.api.serving import (
 )
 from pylocalai.api.wire import (
     INT32_MAX,
+    SLOT,
     SSE_DONE,
     SSE_HEADERS,
+    FrameTemplate,
     get_bool,
     get_float,
     get_int,
@@ -240,6 +242,7 @@ class ChatCall:
         self.id = "chatcmpl-" + uuid.uuid4().hex
         self.created = int(time.time())
         self.model = body.get("model") or self.cfg.name
+        self._content_frames: dict[int, FrameTemplate] = {}
 
     async def prepare(self, entry: LoadedModel, index: int) -> PreparedChat:
         sampling = dict(self.sampling)
@@ -252,9 +255,20 @@ class ChatCall:
             reasoning_effort=self.reasoning_effort, metadata=self.metadata,
         )
 
+    def chunk_object(self, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "system_fingerprint": None, "choices": choices, **extra}
+
     def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        return sse_data({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                         "model": self.model, "system_fingerprint": None, "choices": choices, **extra})
+        return sse_data(self.chunk_object(choices, **extra))
+
+    def content_frame(self, index: int) -> FrameTemplate:
+        """The chunk of one content delta of choice `index`, as chunk() makes it, encoded once."""
+        t = self._content_frames.get(index)
+        if t is None:
+            t = self._content_frames[index] = FrameTemplate(self.chunk_object(
+                [{"index": index, "delta": {"content": SLOT}, "logprobs": None, "finish_reason": None}]))
+        return t
 
 
 async def _run_one(call: ChatCall, entry: LoadedModel, index: int) -> tuple[dict[str, Any], Finished, list[TokenLogprob]]:
@@ -322,12 +336,15 @@ async def _stream_chat(call: ChatCall, entry: LoadedModel, preps: list[PreparedC
 async def _stream_choice(call: ChatCall, entry: LoadedModel, index: int, prep: PreparedChat,
                          usages: list[Usage]) -> AsyncIterator[bytes]:
     answer = AnswerStream(entry.llm, prep.plan)
+    content = call.content_frame(index)
 
     def frames(d: AnswerDelta, lp: dict[str, Any] | None = None) -> list[bytes]:
         out = []
         if d.reasoning:
             out.append(call.chunk([{"index": index, "delta": {"reasoning_content": d.reasoning}, "logprobs": None, "finish_reason": None}]))
-        if d.content or lp:
+        if d.content and lp is None:
+            out.append(content(d.content))
+        elif d.content or lp:
             out.append(call.chunk([{"index": index, "delta": {"content": d.content}, "logprobs": lp, "finish_reason": None}]))
         if d.calls and call.legacy_functions:  # function_call deltas; a further call gets the next choice index
             for c in d.calls:

@@ -195,15 +195,13 @@ async def choice_nursery() -> AsyncIterator[trio.Nursery]:
         raise first from None
 
 
-async def merge_choices(streams: list[AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
+def merge_choices(streams: list[AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
     """The SSE frames of a request's n choice streams, each as soon as it is made. One stream (the
-    common case) goes straight through, without a task and a channel hop per token."""
-    if len(streams) == 1:
-        async with aclosing(streams[0]) as frames:
-            async for frame in frames:
-                yield frame
-        return
+    common case) is returned as it is: no task, channel or generator hop per token."""
+    return streams[0] if len(streams) == 1 else _merged(streams)
 
+
+async def _merged(streams: list[AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
     async def produce(stream: AsyncIterator[bytes], out: trio.MemorySendChannel[bytes]) -> None:
         async with out, aclosing(stream) as frames:  # type: ignore[type-var]
             async for frame in frames:

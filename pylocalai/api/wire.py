@@ -119,8 +119,8 @@ def template_value(v: Any) -> Any:
     return {"true": True, "false": False}.get(v, v) if isinstance(v, str) else v
 
 
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+# one encoder for every frame: json.dumps with options builds a new encoder per call
+dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def sse_data(obj: Any) -> bytes:
@@ -131,6 +131,30 @@ def sse_data(obj: Any) -> bytes:
 def sse_event(event: str, obj: Any) -> bytes:
     """An `event:` + `data:` frame (Anthropic, Responses)."""
     return b"event: " + event.encode() + b"\ndata: " + dumps(obj).encode() + b"\n\n"
+
+
+SLOT = "\x00pylocalai-slot\x00"  # stands for the one string a FrameTemplate fills in
+_SLOT_JSON = dumps(SLOT)
+
+
+class FrameTemplate:
+    """An SSE frame whose JSON is fixed but for one string (a streamed text delta: one frame per
+    token, the server's hottest path). The fixed bytes are encoded once; each frame then costs one
+    string encode, and the bytes are exactly what sse_data / sse_event would give for the same object."""
+
+    __slots__ = ("_head", "_tail")
+
+    def __init__(self, obj: Any, event: str | None = None) -> None:
+        text = dumps(obj)
+        at = text.index(_SLOT_JSON)
+        if text.count(_SLOT_JSON) != 1:
+            raise ValueError("a frame template holds SLOT exactly once")
+        prefix = b"data: " if event is None else b"event: " + event.encode() + b"\ndata: "
+        self._head = prefix + text[:at].encode()
+        self._tail = text[at + len(_SLOT_JSON):].encode() + b"\n\n"
+
+    def __call__(self, value: str) -> bytes:
+        return self._head + dumps(value).encode() + self._tail
 
 
 SSE_DONE = b"data: [DONE]\n\n"

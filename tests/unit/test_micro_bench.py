@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pylocalai.api.wire import sse_data
+from pylocalai.api.wire import SLOT, FrameTemplate, sse_data
 from pylocalai.config.model_config import load_catalog
 from pylocalai.config.prompt import render_chat
 from pylocalai.engine.scheduler import Scheduler
@@ -80,6 +80,13 @@ def test_sse_encoding_of_a_chat_chunk(benchmark: Any) -> None:
     frame = benchmark(sse_data, CHUNK)
     assert frame.startswith(b"data: {") and frame.endswith(b"}\n\n")
     assert json.loads(frame[len(b"data: "):]) == CHUNK
+
+
+def test_sse_encoding_of_a_content_delta_from_its_template(benchmark: Any) -> None:
+    # the server's per-token path: the chunk's fixed part encoded once, the delta's text filled in
+    template = FrameTemplate({**CHUNK, "choices": [{**CHUNK["choices"][0], "delta": {"content": SLOT}}]})
+    frame = benchmark(template, " dragon")
+    assert frame == sse_data(CHUNK)
 
 
 def test_go_template_rendering_of_a_chat(benchmark: Any, tmp_path: Path) -> None:
