@@ -3,6 +3,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <unistd.h>
 
 #include "compat/compat.hpp"
 #include "engine_api.hpp"
@@ -298,7 +299,7 @@ void register_session(py::module_ & m) {
              [](Session & s, const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & tokens,
                 const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & pos,
                 const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & seq_ids,
-                const py::array_t<uint8_t, py::array::c_style | py::array::forcecast> & want) {
+                const py::array_t<uint8_t, py::array::c_style | py::array::forcecast> & want, int notify_fd) {
                  std::vector<int32_t> t = as_tokens(tokens);
                  std::vector<int32_t> p = as_tokens(pos);
                  std::vector<int32_t> q = as_tokens(seq_ids);
@@ -306,6 +307,12 @@ void register_session(py::module_ & m) {
                  StepOutput out;
                  {
                      py::gil_scoped_release release;  // decode + sample for the whole batch
+                     if (notify_fd >= 0) {
+                         // Wake the event loop that waits for the previous step's events now that the
+                         // GIL is free: woken from Python, it took the GIL and stalled this thread.
+                         const uint64_t one = 1;
+                         [[maybe_unused]] const auto n = ::write(notify_fd, &one, sizeof one);
+                     }
                      out = s.step(t, p, q, w);
                  }
                  py::list rows;
@@ -315,7 +322,7 @@ void register_session(py::module_ & m) {
                  }
                  return py::make_tuple(out.status, rows);
              },
-             py::arg("tokens"), py::arg("pos"), py::arg("seq_ids"), py::arg("want_sample"))
+             py::arg("tokens"), py::arg("pos"), py::arg("seq_ids"), py::arg("want_sample"), py::arg("notify_fd") = -1)
         .def("seq_rm", &Session::seq_rm)
         .def("seq_cp", &Session::seq_cp)
         .def("seq_keep", &Session::seq_keep)

@@ -86,7 +86,8 @@ class ModelRegistry:
             sched = e.llm.scheduler
             out[name] = {"engine": engine_key(e.config.backend), "n_slots": sched.n_slots, "active_slots": sched.active_slots, "queued": sched.queued,
                          "n_ctx_seq": sched.n_ctx_seq, "in_use": e.in_use, "steps": sched.stats.steps,
-                         "max_seqs_per_step": sched.stats.max_seqs_per_step, "graphs_reused": sched.graphs_reused}
+                         "max_seqs_per_step": sched.stats.max_seqs_per_step, "graphs_reused": sched.graphs_reused,
+                         "engine_time_s": round(sched.stats.engine_time_s, 3)}
         return out
 
     # ------------------------------------------------------------ loading

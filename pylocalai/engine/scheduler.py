@@ -46,7 +46,7 @@ class SessionLike(Protocol):
     def n_seq_max(self) -> int: ...
     def set_sampler(self, seq: int, params: dict[str, Any], history: Any) -> None: ...
     def drop_sampler(self, seq: int) -> None: ...
-    def step(self, tokens: Any, pos: Any, seq_ids: Any, want_sample: Any) -> tuple[int, list[Any]]: ...
+    def step(self, tokens: Any, pos: Any, seq_ids: Any, want_sample: Any, notify_fd: int = -1) -> tuple[int, list[Any]]: ...
     def seq_rm(self, seq: int, p0: int, p1: int) -> bool: ...
     def seq_add(self, seq: int, p0: int, p1: int, delta: int) -> None: ...
 
@@ -118,6 +118,7 @@ class Scheduler:
         self._cache_prompt = cache_prompt
         self._prefill_budget = self._n_batch
         self._context_shift = context_shift
+        self.notified = False  # the last step's native call woke its notify_fd
         self._kv_streams = kv_streams  # one KV stream per sequence (llama.cpp, not unified): keep ids consecutive
         self.stats = SchedulerStats()
 
@@ -200,8 +201,12 @@ class Scheduler:
                 slot.cached.clear()
         return out
 
-    def step(self) -> list[tuple[str, list[GenerationEvent]]]:
-        """Admit what fits, run one batched decode, return the events it produced."""
+    def step(self, notify_fd: int = -1) -> list[tuple[str, list[GenerationEvent]]]:
+        """Admit what fits, run one batched decode, return the events it produced.
+
+        notify_fd, an eventfd, is written by the native step once it has released the GIL (see
+        EngineWorker); `notified` tells afterwards whether that happened (no decode, no write)."""
+        self.notified = False
         out: list[tuple[str, list[GenerationEvent]]] = []
         self._admit(out)
         if self._projector is not None:
@@ -212,8 +217,10 @@ class Scheduler:
                 return out
             tokens, pos, seqs, want, decoded = plan
             t0 = time.perf_counter()
-            status, rows = self._session.step(tokens, pos, seqs, want)
+            status, rows = self._session.step(tokens, pos, seqs, want, notify_fd)
             self.stats.engine_time_s += time.perf_counter() - t0
+            self.notified = self.notified or notify_fd >= 0
+            notify_fd = -1
             if status == 0:
                 break
             self.stats.kv_full_retries += 1

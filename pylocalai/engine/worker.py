@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import queue
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
@@ -51,20 +53,71 @@ class _Stop:
     pass
 
 
+Deliver = Callable[[list[GenerationEvent]], None]
+
+
+class _TrioPump:
+    """Carries one step's events into one Trio run with a single wake-up, given at the right moment.
+
+    The engine thread queues the step's batches here and does not wake the event loop itself: the
+    next native step writes the pump's eventfd once it has released the GIL. (Woken from Python --
+    run_sync_soon writes a socket, which releases the GIL -- the event loop took the GIL at once, and
+    on 2 cores the engine thread stalled ~0.8 ms a step before it could start the next decode.) When
+    no decode follows, the engine thread writes the eventfd itself. A Trio system task waits on it.
+
+    Only the engine thread closes the eventfd, and only once this task has ended, so a native step
+    never writes to a closed (or reused) descriptor."""
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.batches: deque[list[tuple[Deliver, list[GenerationEvent]]]] = deque()
+        self.alive = True      # the Trio task still reads the eventfd
+        self.retired = False   # the engine thread will not write it again
+        self._lock = threading.Lock()
+
+    async def run(self) -> None:
+        try:
+            while not self.retired:
+                await trio.lowlevel.wait_readable(self.fd)
+                with suppress(BlockingIOError):
+                    os.eventfd_read(self.fd)
+                while self.batches:
+                    _deliver_all(self.batches.popleft())
+        finally:
+            with self._lock:
+                self.alive = False
+                if self.retired:
+                    os.close(self.fd)
+
+    def wake(self) -> None:
+        """Engine thread: wake the task from Python (no native step is about to do it)."""
+        os.eventfd_write(self.fd, 1)
+
+    def retire(self) -> None:
+        """Engine thread: no more events come; the task ends (or has) and the eventfd is closed."""
+        with self._lock:
+            self.retired = True
+            if self.alive:
+                os.eventfd_write(self.fd, 1)  # the task wakes, sees `retired` and closes it
+            else:
+                os.close(self.fd)
+
+
 @dataclass(frozen=True, slots=True)
 class _TrioSink:
-    """Hands events to a Trio run. The engine thread batches every such sink of one step into a
-    single run_sync_soon per Trio run, so n streams cost one wake-up per step, not n."""
+    """Hands events to a Trio run: through its pump (one wake-up per step for all its streams), or
+    where there is no eventfd (not Linux) with one run_sync_soon per step and run."""
 
     token: trio.lowlevel.TrioToken
-    deliver: Callable[[list[GenerationEvent]], None]
+    pump: _TrioPump | None
+    deliver: Deliver
 
     def __call__(self, events: list[GenerationEvent]) -> None:
         with suppress(trio.RunFinishedError):
             self.token.run_sync_soon(self.deliver, events)
 
 
-def _deliver_all(batch: list[tuple[Callable[[list[GenerationEvent]], None], list[GenerationEvent]]]) -> None:
+def _deliver_all(batch: list[tuple[Deliver, list[GenerationEvent]]]) -> None:
     for deliver, events in batch:  # on the Trio thread; each deliver swallows its own closed channel
         deliver(events)
 
@@ -74,6 +127,10 @@ class EngineWorker:
         self._sched = scheduler
         self._inbox: queue.SimpleQueue[_Submit | _Cancel | _Call | _Stop] = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
+        self._pumps: dict[trio.lowlevel.TrioToken, _TrioPump] = {}
+        self._pumps_lock = threading.Lock()
+        self._unwoken: list[_TrioPump] = []  # pumps holding events whose task has not been woken yet
+        self._dead_pumps: list[_TrioPump] = []
         self._thread = threading.Thread(target=self._run, name=f"pylocalai-{name}", daemon=True)
         self._closed = False
         self._thread.start()
@@ -140,6 +197,7 @@ class EngineWorker:
         # Unbounded on purpose: a slow consumer must never stall the shared batch; max_tokens bounds it.
         send, recv = trio.open_memory_channel[GenerationEvent](math.inf)
         token = trio.lowlevel.current_trio_token()
+        pump = self._trio_pump(token)
 
         def deliver(events: list[GenerationEvent]) -> None:  # on the Trio thread; must not raise
             with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
@@ -148,12 +206,26 @@ class EngineWorker:
                     if isinstance(ev, Finished):
                         send.close()
 
-        self.submit(req, _TrioSink(token, deliver))
+        self.submit(req, _TrioSink(token, pump, deliver))
         try:
             yield recv
         finally:
             self.cancel(req.request_id)
             recv.close()
+
+    def _trio_pump(self, token: trio.lowlevel.TrioToken) -> _TrioPump | None:
+        """This Trio run's pump, started on first use (None where there is no eventfd)."""
+        if not hasattr(os, "eventfd"):
+            return None
+        with self._pumps_lock:
+            pump = self._pumps.get(token)
+            if pump is None or not pump.alive:
+                for old, dead in [(t, p) for t, p in self._pumps.items() if not p.alive]:  # finished runs
+                    del self._pumps[old]
+                    self._dead_pumps.append(dead)  # the engine thread retires it (closes its eventfd)
+                pump = self._pumps[token] = _TrioPump()
+                trio.lowlevel.spawn_system_task(pump.run, name="pylocalai-engine-events")
+            return pump
 
     # ------------------------------------------------------------ engine thread
 
@@ -161,26 +233,32 @@ class EngineWorker:
         sched = self._sched
         while True:
             block = not sched.has_work()
+            if block:
+                self._wake_pumps()  # no decode follows to wake the event loops: do it here
             try:
                 while True:
                     msg = self._inbox.get(block=block)
                     block = False
                     if isinstance(msg, _Stop):
                         self._emit(sched.fail_all(EngineError("the engine was closed")))
+                        self._retire_pumps()
                         return
                     self._handle(msg)
             except queue.Empty:
                 pass
             if not sched.has_work():
                 continue
+            fd = self._notify_fd()
             try:
-                results = sched.step()
+                results = sched.step(fd)
             except PylocalaiError as exc:
                 log.exception("engine step failed")
                 results = sched.fail_all(exc if isinstance(exc, EngineError) else EngineError(str(exc)))
             except Exception as exc:  # a native failure: every request gets the error, the thread lives on
                 log.exception("engine step failed")
                 results = sched.fail_all(EngineError(f"engine step failed: {exc}"))
+            if fd >= 0 and not sched.notified:
+                os.eventfd_write(fd, 1)
             self._emit(results)
 
     def _handle(self, msg: _Submit | _Cancel | _Call) -> None:
@@ -201,8 +279,8 @@ class EngineWorker:
                 msg.done(result, None)
 
     def _emit(self, results: list[tuple[str, list[GenerationEvent]]]) -> None:
-        trio_batches: dict[trio.lowlevel.TrioToken, list[tuple[Callable[[list[GenerationEvent]], None],
-                                                              list[GenerationEvent]]]] = {}
+        trio_batches: dict[trio.lowlevel.TrioToken, list[tuple[Deliver, list[GenerationEvent]]]] = {}
+        pump_batches: dict[_TrioPump, list[tuple[Deliver, list[GenerationEvent]]]] = {}
         for request_id, events in results:
             sink = self._sinks.get(request_id)
             if sink is None:
@@ -210,12 +288,55 @@ class EngineWorker:
             if any(isinstance(ev, Finished) for ev in events):
                 del self._sinks[request_id]
             if isinstance(sink, _TrioSink):
-                trio_batches.setdefault(sink.token, []).append((sink.deliver, events))
+                if sink.pump is not None:
+                    pump_batches.setdefault(sink.pump, []).append((sink.deliver, events))
+                else:
+                    trio_batches.setdefault(sink.token, []).append((sink.deliver, events))
                 continue
             try:
                 sink(events)
             except Exception:  # a sink must not take the engine down
                 log.exception("event sink for %s failed", request_id)
+        for pump, batch in pump_batches.items():
+            if pump.alive:  # a finished run's events have no reader
+                pump.batches.append(batch)
+                if pump not in self._unwoken:
+                    self._unwoken.append(pump)
         for token, batch in trio_batches.items():
             with suppress(trio.RunFinishedError):
                 token.run_sync_soon(_deliver_all, batch)
+
+    def _notify_fd(self) -> int:
+        """The eventfd for the next native step to write once the GIL is free (-1: none); any
+        further pump with events waiting is woken from here."""
+        pumps, self._unwoken = self._unwoken, []
+        fd = -1
+        for pump in pumps:
+            if fd < 0 and pump.alive:
+                fd = pump.fd
+            else:
+                pump.wake()
+        self._retire_dead_pumps()
+        return fd
+
+    def _wake_pumps(self) -> None:
+        pumps, self._unwoken = self._unwoken, []
+        for pump in pumps:
+            pump.wake()
+        self._retire_dead_pumps()
+
+    def _retire_dead_pumps(self) -> None:
+        if self._dead_pumps:
+            with self._pumps_lock:
+                dead, self._dead_pumps = self._dead_pumps, []
+            for pump in dead:
+                pump.retire()
+
+    def _retire_pumps(self) -> None:
+        """The engine thread ends: wake every pump a last time and let it close."""
+        self._wake_pumps()
+        with self._pumps_lock:
+            pumps = list(self._pumps.values())
+            self._pumps.clear()
+        for pump in pumps:
+            pump.retire()

@@ -8,6 +8,7 @@ wrong position, reuses a prefix wrongly or forgets to clear a sequence.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +52,9 @@ class FakeSession:
         del cells[p0:]
         return True
 
-    def step(self, tokens: Any, pos: Any, seq_ids: Any, want: Any) -> tuple[int, list[Any]]:
+    def step(self, tokens: Any, pos: Any, seq_ids: Any, want: Any, notify_fd: int = -1) -> tuple[int, list[Any]]:
+        if notify_fd >= 0:  # as the native step does once the GIL is released
+            os.eventfd_write(notify_fd, 1)
         toks, poss, seqs, wants = (np.asarray(a).tolist() for a in (tokens, pos, seq_ids, want))
         assert len(toks) <= self.n_batch
         if self.kv_capacity is not None:

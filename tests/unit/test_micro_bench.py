@@ -8,6 +8,7 @@ targets live in bench/, measured side by side with a reference.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,9 @@ class NullSession:
     def seq_add(self, seq: int, p0: int, p1: int, delta: int) -> None:
         pass
 
-    def step(self, tokens: Any, pos: Any, seq_ids: Any, want: Any) -> tuple[int, list[Any]]:
+    def step(self, tokens: Any, pos: Any, seq_ids: Any, want: Any, notify_fd: int = -1) -> tuple[int, list[Any]]:
+        if notify_fd >= 0:  # as the native step does once the GIL is released
+            os.eventfd_write(notify_fd, 1)
         self.decoded += len(tokens)
         rows = [(int(s), 7, False, b"ab", -0.1, ()) for s, w in zip(seq_ids.tolist(), want.tolist()) if w]
         return 0, rows
