@@ -91,7 +91,8 @@ class _TrioPump:
 
     def wake(self) -> None:
         """Engine thread: wake the task from Python (no native step is about to do it)."""
-        os.eventfd_write(self.fd, 1)
+        if not self.retired:  # a retired pump's eventfd may be closed already
+            os.eventfd_write(self.fd, 1)
 
     def retire(self) -> None:
         """Engine thread: no more events come; the task ends (or has) and the eventfd is closed."""
@@ -259,6 +260,7 @@ class EngineWorker:
                 results = sched.fail_all(EngineError(f"engine step failed: {exc}"))
             if fd >= 0 and not sched.notified:
                 os.eventfd_write(fd, 1)
+            self._retire_dead_pumps()  # after the step: the eventfd it was given is closed only now
             self._emit(results)
 
     def _handle(self, msg: _Submit | _Cancel | _Call) -> None:
@@ -298,7 +300,7 @@ class EngineWorker:
             except Exception:  # a sink must not take the engine down
                 log.exception("event sink for %s failed", request_id)
         for pump, batch in pump_batches.items():
-            if pump.alive:  # a finished run's events have no reader
+            if pump.alive and not pump.retired:  # a finished run's events have no reader
                 pump.batches.append(batch)
                 if pump not in self._unwoken:
                     self._unwoken.append(pump)
@@ -312,11 +314,10 @@ class EngineWorker:
         pumps, self._unwoken = self._unwoken, []
         fd = -1
         for pump in pumps:
-            if fd < 0 and pump.alive:
+            if fd < 0 and pump.alive and not pump.retired:
                 fd = pump.fd
             else:
                 pump.wake()
-        self._retire_dead_pumps()
         return fd
 
     def _wake_pumps(self) -> None:
