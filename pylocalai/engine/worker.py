@@ -132,6 +132,7 @@ class EngineWorker:
         self._pumps_lock = threading.Lock()
         self._unwoken: list[_TrioPump] = []  # pumps holding events whose task has not been woken yet
         self._dead_pumps: list[_TrioPump] = []
+        self._pumps_closed = False
         self._thread = threading.Thread(target=self._run, name=f"pylocalai-{name}", daemon=True)
         self._closed = False
         self._thread.start()
@@ -215,10 +216,13 @@ class EngineWorker:
             recv.close()
 
     def _trio_pump(self, token: trio.lowlevel.TrioToken) -> _TrioPump | None:
-        """This Trio run's pump, started on first use (None where there is no eventfd)."""
+        """This Trio run's pump, started on first use (None where there is no eventfd, and once the
+        engine thread has retired its pumps: no one would close a new one)."""
         if not hasattr(os, "eventfd"):
             return None
         with self._pumps_lock:
+            if self._pumps_closed:
+                return None
             pump = self._pumps.get(token)
             if pump is None or not pump.alive:
                 for old, dead in [(t, p) for t, p in self._pumps.items() if not p.alive]:  # finished runs
@@ -339,5 +343,6 @@ class EngineWorker:
         with self._pumps_lock:
             pumps = list(self._pumps.values())
             self._pumps.clear()
+            self._pumps_closed = True
         for pump in pumps:
             pump.retire()

@@ -9,8 +9,15 @@ import pytest
 import trio
 
 from pylocalai.engine.scheduler import Scheduler
-from pylocalai.engine.types import EngineRequest, Finished, FinishReason, SamplingParams, TextDelta
+from pylocalai.engine.types import (
+    EngineRequest,
+    Finished,
+    FinishReason,
+    SamplingParams,
+    TextDelta,
+)
 from pylocalai.engine.worker import EngineWorker
+from pylocalai.errors import EngineError
 
 from .fake_session import FakeSession
 
@@ -70,3 +77,18 @@ def test_events_reach_every_trio_run_and_nothing_leaks() -> None:
     assert any(notified)
     worker.close()
     assert open_fds() == before  # every run's eventfd was closed
+
+
+@needs_eventfd
+@pytest.mark.skipif(sys.platform != "linux", reason="counts /proc/self/fd")
+def test_a_stream_on_a_closed_worker_is_an_error_and_opens_nothing() -> None:
+    worker = EngineWorker(Scheduler(FakeSession()))
+    worker.close()
+    before = open_fds()
+
+    async def main() -> None:
+        with pytest.raises(EngineError, match="closed"):
+            await generate(worker, "late", 2)
+
+    trio.run(main)
+    assert open_fds() == before
