@@ -5,6 +5,8 @@
 #include <pybind11/stl.h>
 #include <unistd.h>
 
+#include <string_view>
+
 #include "compat/compat.hpp"
 #include "engine_api.hpp"
 #include "llama.h"
@@ -328,6 +330,26 @@ void register_session(py::module_ & m) {
         .def("seq_keep", &Session::seq_keep)
         .def("seq_add", &Session::seq_add)
         .def("seq_pos_max", &Session::seq_pos_max)
+        .def("seq_pos_min", &Session::seq_pos_min)
+        .def_property_readonly("n_swa", &Session::n_swa)
+        .def_property_readonly("checkpoints_supported", &Session::checkpoints_supported)
+        .def("checkpoint_save",
+             [](Session & s, int32_t seq) {
+                 std::vector<uint8_t> data;
+                 {
+                     py::gil_scoped_release release;
+                     data = s.checkpoint_save(seq);
+                 }
+                 return py::bytes(reinterpret_cast<const char *>(data.data()), data.size());
+             },
+             py::arg("seq"))
+        .def("checkpoint_load",
+             [](Session & s, int32_t seq, const py::bytes & data) {
+                 const auto view = static_cast<std::string_view>(data);
+                 py::gil_scoped_release release;
+                 return s.checkpoint_load(seq, reinterpret_cast<const uint8_t *>(view.data()), view.size());
+             },
+             py::arg("seq"), py::arg("data"))
         .def("clear", &Session::clear)
         .def("op_counts", &Session::op_counts)
         .def("weights_used", &Session::weights_used)

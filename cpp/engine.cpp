@@ -331,6 +331,13 @@ void Session::seq_add(int32_t seq, int32_t p0, int32_t p1, int32_t delta) {
     compat::seq_add(ctx_, seq, p0, p1, delta);
 }
 int32_t Session::seq_pos_max(int32_t seq) const { return compat::seq_pos_max(ctx_, seq); }
+int32_t Session::seq_pos_min(int32_t seq) const { return compat::seq_pos_min(ctx_, seq); }
+int32_t Session::n_swa() const { return compat::n_swa(llama_get_model(ctx_)); }
+bool Session::checkpoints_supported() const { return compat::checkpoints_supported(); }
+std::vector<uint8_t> Session::checkpoint_save(int32_t seq) { return compat::checkpoint_save(ctx_, seq); }
+bool Session::checkpoint_load(int32_t seq, const uint8_t * data, size_t size) {
+    return compat::checkpoint_load(ctx_, seq, data, size);
+}
 void Session::clear() { compat::memory_clear(ctx_); }
 bool Session::can_shift() const { return compat::can_shift(ctx_); }
 int32_t Session::graphs_reused() const { return compat::graphs_reused(ctx_); }

@@ -244,6 +244,11 @@ public:
     void seq_keep(int32_t seq);
     void seq_add(int32_t seq, int32_t p0, int32_t p1, int32_t delta);  // shift positions (context shift)
     int32_t seq_pos_max(int32_t seq) const;
+    int32_t seq_pos_min(int32_t seq) const;
+    int32_t n_swa() const;
+    bool checkpoints_supported() const;
+    std::vector<uint8_t> checkpoint_save(int32_t seq);
+    bool checkpoint_load(int32_t seq, const uint8_t * data, size_t size);
     void clear();
     bool can_shift() const;
     int32_t graphs_reused() const;

@@ -134,6 +134,12 @@ class Llama:
     at positions that depend on the other sequences, which changes the summation order inside the
     attention kernels, and the per-row 8-bit quantization of activations amplifies those last-bit
     differences (measured on SmolLM2: logprobs differ by up to 0.3 within 48 tokens).
+
+    A slot reuses the cached prefix a new prompt shares with it. Sliding-window layers (Gemma 3
+    and others) keep only their last window of positions and recurrent state only the end of the
+    sequence, so where a prompt leaves the cached tokens further back than that, the prefix comes
+    from a checkpoint saved at the end of a prompt chunk (n_batch tokens apart; n_ctx_checkpoints
+    per slot, 0 = none) or, without one, is computed again.
     """
 
     def __init__(
@@ -163,6 +169,7 @@ class Llama:
         rpc_servers: Sequence[str] | None = None,
         cache_prompt: bool = True,
         slot_prompt_similarity: float = 0.1,
+        n_ctx_checkpoints: int = 32,
         chat_template: str | None = None,
         op_offload: bool = True,
         context_shift: bool = False,
@@ -233,6 +240,8 @@ class Llama:
             recurrent=bool(self.info["recurrent"] or self.info["hybrid"]),
             cache_prompt=cache_prompt,
             slot_prompt_similarity=slot_prompt_similarity,
+            # swa_full keeps every position in the window layers: checkpoints only for recurrent state then
+            checkpoints=n_ctx_checkpoints if not swa_full or self.info["recurrent"] or self.info["hybrid"] else 0,
             context_shift=context_shift,
             projector=self._projector,
             kv_streams=self.engine_name != "ik_llama_cpp" and not kv_unified,

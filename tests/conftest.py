@@ -95,6 +95,11 @@ def tiny_qwen(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ggufgen.write_tiny_gemma3(tmp_path_factory.mktemp("gguf") / "tiny-gemma3.gguf")
+
+
+@pytest.fixture(scope="session")
 def tiny_rwkv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return ggufgen.write_tiny_rwkv6(tmp_path_factory.mktemp("gguf") / "tiny-rwkv6.gguf")
 

@@ -6,10 +6,11 @@ here have random weights (so their output is gibberish) but real hyperparameter
 keys, real tensor names/shapes and a real tokenizer, which is exactly what the
 loader, the tokenizer, the sampler and the batching code exercise.
 
-Two architectures are provided because the engine treats them differently:
+Three architectures are provided because the engine treats them differently:
 
 * ``llama``  - a plain transformer with a KV cache (positions can be cut back).
 * ``rwkv6``  - a recurrent model whose state cannot be rewound to a prefix.
+* ``gemma3`` - sliding-window attention: old positions leave the cache of most layers.
 
 For multimodal tests, ``write_tiny_mmproj`` writes a matching vision projector
 (a CLIP encoder plus a LLaVA "mlp" projector, loaded by llama.cpp's libmtmd)
@@ -334,6 +335,66 @@ def write_tiny_llama(
     _finish(w)
     if raw_tensors:
         _retype(path, {name: (type_id, n_embd) for name, (type_id, _) in raw_tensors.items()})
+    return path
+
+
+def write_tiny_gemma3(
+    path: str | Path,
+    *,
+    n_layer: int = 6,
+    n_swa: int = 16,
+    n_embd: int = 64,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_ff: int = 128,
+    n_ctx_train: int = 2048,
+    seed: int = 0,
+    vocab_path: str | Path = VOCAB_SPM,
+) -> Path:
+    """Write a tiny random ``gemma3`` model: sliding-window attention (``n_swa`` positions) in five of
+    every six layers, full attention in the sixth, per-head Q/K norms and post-norms, tied embeddings.
+
+    llama.cpp keeps only about the last ``n_swa + n_ubatch`` positions in the sliding-window layers'
+    cache, so the oldest cached positions of a long sequence are gone there: what prefix reuse must
+    respect. All weights are f32, so a reused prefix and a fresh evaluation agree to rounding."""
+    if n_embd % n_head or n_head % n_head_kv:
+        raise ValueError("n_embd must be divisible by n_head and n_head by n_head_kv")
+    head_dim = n_embd // n_head
+    path = Path(path)
+    w = _Writer(path, "gemma3")
+    w.add_name("tiny-gemma3-test")
+    w.add_file_type(_FILE_TYPES["f32"])
+    w.add_context_length(n_ctx_train)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000.0)
+    w.add_sliding_window(n_swa)
+    n_vocab = _add_tokenizer(w, Path(vocab_path), CHATML)
+    w.add_vocab_size(n_vocab)
+
+    t = _Tensors(w, seed)
+    t.random("token_embd.weight", (n_vocab, n_embd), "f32", scale=0.1)
+    t.const("output_norm.weight", (n_embd,), 1.0)
+    for i in range(n_layer):
+        p = f"blk.{i}."
+        for norm in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"):
+            t.const(p + norm + ".weight", (n_embd,), 1.0)
+        t.const(p + "attn_q_norm.weight", (head_dim,), 1.0)
+        t.const(p + "attn_k_norm.weight", (head_dim,), 1.0)
+        t.random(p + "attn_q.weight", (n_head * head_dim, n_embd), "f32", scale=0.2)
+        t.random(p + "attn_k.weight", (n_head_kv * head_dim, n_embd), "f32", scale=0.2)
+        t.random(p + "attn_v.weight", (n_head_kv * head_dim, n_embd), "f32", scale=0.2)
+        t.random(p + "attn_output.weight", (n_embd, n_head * head_dim), "f32", scale=0.2)
+        t.random(p + "ffn_gate.weight", (n_ff, n_embd), "f32", scale=0.2)
+        t.random(p + "ffn_up.weight", (n_ff, n_embd), "f32", scale=0.2)
+        t.random(p + "ffn_down.weight", (n_embd, n_ff), "f32", scale=0.2)
+    _finish(w)
     return path
 
 

@@ -46,6 +46,16 @@ void seq_cp(llama_context * ctx, int32_t src, int32_t dst, int32_t p0, int32_t p
 void seq_keep(llama_context * ctx, int32_t seq);
 void seq_add(llama_context * ctx, int32_t seq, int32_t p0, int32_t p1, int32_t delta);
 int32_t seq_pos_max(llama_context * ctx, int32_t seq);
+int32_t seq_pos_min(llama_context * ctx, int32_t seq);  // -1 for an empty sequence
+// How far back a sliding-window layer attends (0: no such layers, or the fork keeps their whole
+// context). Cached positions older than the window are dropped from those layers.
+int32_t n_swa(const llama_model * model);
+// A checkpoint of the part of one sequence's memory that cannot be cut back to a shorter prefix
+// (the sliding-window cache, recurrent state), to restore later instead of recomputing the prompt.
+// checkpoints_supported() is false where the fork cannot save that part alone.
+bool checkpoints_supported();
+std::vector<uint8_t> checkpoint_save(llama_context * ctx, int32_t seq);
+bool checkpoint_load(llama_context * ctx, int32_t seq, const uint8_t * data, size_t size);
 void memory_clear(llama_context * ctx);
 bool can_shift(llama_context * ctx);
 // Decodes that reused the previous step's compute graph instead of building one; -1 where the fork does not count.

@@ -284,6 +284,13 @@ int32_t seq_pos_max(llama_context * ctx, int32_t seq) {
     // answers -1 (except for recurrent caches, where it is pos_max again).
     return llama_kv_cache_seq_pos_min(ctx, seq) < 0 ? -1 : llama_kv_cache_seq_pos_max(ctx, seq);
 }
+int32_t seq_pos_min(llama_context * ctx, int32_t seq) { return llama_kv_cache_seq_pos_min(ctx, seq); }
+// ik keeps a whole-context cache for sliding-window layers (nothing is dropped), and its state calls
+// cannot save the sliding-window or recurrent part alone.
+int32_t n_swa(const llama_model * /*model*/) { return 0; }
+bool checkpoints_supported() { return false; }
+std::vector<uint8_t> checkpoint_save(llama_context * /*ctx*/, int32_t /*seq*/) { return {}; }
+bool checkpoint_load(llama_context * /*ctx*/, int32_t /*seq*/, const uint8_t * /*data*/, size_t /*size*/) { return false; }
 void memory_clear(llama_context * ctx) { llama_kv_cache_clear(ctx); }
 int32_t graphs_reused(llama_context * /*ctx*/) { return -1; }  // ik keeps no such count
 

@@ -209,6 +209,17 @@ void seq_add(llama_context * ctx, int32_t seq, int32_t p0, int32_t p1, int32_t d
     llama_memory_seq_add(llama_get_memory(ctx), seq, p0, p1, delta);
 }
 int32_t seq_pos_max(llama_context * ctx, int32_t seq) { return llama_memory_seq_pos_max(llama_get_memory(ctx), seq); }
+int32_t seq_pos_min(llama_context * ctx, int32_t seq) { return llama_memory_seq_pos_min(llama_get_memory(ctx), seq); }
+int32_t n_swa(const llama_model * model) { return llama_model_n_swa(model); }
+bool checkpoints_supported() { return true; }
+std::vector<uint8_t> checkpoint_save(llama_context * ctx, int32_t seq) {
+    std::vector<uint8_t> out(llama_state_seq_get_size_ext(ctx, seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY));
+    out.resize(llama_state_seq_get_data_ext(ctx, out.data(), out.size(), seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY));
+    return out;
+}
+bool checkpoint_load(llama_context * ctx, int32_t seq, const uint8_t * data, size_t size) {
+    return llama_state_seq_set_data_ext(ctx, data, size, seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) == size;
+}
 void memory_clear(llama_context * ctx) { llama_memory_clear(llama_get_memory(ctx), true); }
 bool can_shift(llama_context * ctx) { return llama_memory_can_shift(llama_get_memory(ctx)); }
 int32_t graphs_reused(llama_context * ctx) { return llama_perf_context(ctx).n_reused; }

@@ -59,7 +59,7 @@ class EngineOptions:
     cache_ram: int = 0
     n_cache_reuse: int = 0
     fit_params: bool = False
-    n_ctx_checkpoints: int = 0
+    n_ctx_checkpoints: int = 32  # per slot, for sliding-window and recurrent models (LocalAI's default)
     mmproj_use_gpu: bool = True
     image_min_tokens: int = -1  # -1: the projector's own default
     image_max_tokens: int = -1
@@ -125,7 +125,6 @@ _UNSUPPORTED: dict[str, tuple[str | None, str]] = {
     "n_cache_reuse": ("0", "KV-shifting chunk reuse is not implemented (the longest common prefix is reused)"),
     "fit_params_target": (None, _NO_FIT),
     "fit_params_min_ctx": (None, _NO_FIT),
-    "n_ctx_checkpoints": ("0", "context checkpoints for SWA/recurrent models are not implemented"),
 }
 
 
@@ -160,6 +159,8 @@ def parse_options(items: list[Any], where: str, env: dict[str, str] | None = Non
             values[key] = tuple(s.strip() for s in value.split(",") if s.strip())
         elif key in ("image_min_tokens", "image_max_tokens"):
             values[key] = _int(value, at, lo=-1)
+        elif key == "n_ctx_checkpoints":
+            values[key] = _int(value, at, lo=0)
         elif key == "slot_prompt_similarity":
             values[key] = _float(value, at, lo=0.0, hi=1.0)
         elif key in _UNSUPPORTED:

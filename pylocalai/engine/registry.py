@@ -154,6 +154,7 @@ class ModelRegistry:
             kv_unified=unified, swa_full=o.swa_full, n_gpu_layers=d.gpu_layers if cfg.gpu_layers is None else cfg.gpu_layers,
             use_mmap=cfg.mmap, use_mlock=cfg.mlock, check_tensors=o.check_tensors, op_offload=not o.no_op_offload,
             rpc_servers=list(o.rpc_servers), slot_prompt_similarity=o.slot_prompt_similarity,
+            n_ctx_checkpoints=o.n_ctx_checkpoints,
             context_shift=o.context_shift, warmup=o.warmup, mmproj=cfg.mmproj, mmproj_use_gpu=o.mmproj_use_gpu,
             image_min_tokens=o.image_min_tokens, image_max_tokens=o.image_max_tokens, **dict(o.engine),
         )

@@ -5,6 +5,12 @@ then prompt chunks of prefilling slots up to n_batch, and makes one C++ call (de
 every slot, GIL released). Slots keep a mirror of the tokens in their KV sequence, so a new request
 reuses the longest common prefix of an idle slot's cache. The direct Python API and the server's
 worker drive this same class.
+
+Some memory cannot simply be cut back to a prefix: sliding-window layers (Gemma 3, ...) drop the
+positions that fall out of their window, and recurrent state holds only the end of the sequence.
+A prefix is reused only where the memory still holds what its continuation needs; otherwise from a
+checkpoint (that part of the memory saved at the end of a prompt chunk, where the engine can save it),
+or not at all.
 """
 
 from __future__ import annotations
@@ -49,12 +55,20 @@ class SessionLike(Protocol):
     def step(self, tokens: Any, pos: Any, seq_ids: Any, want_sample: Any, notify_fd: int = -1) -> tuple[int, list[Any]]: ...
     def seq_rm(self, seq: int, p0: int, p1: int) -> bool: ...
     def seq_add(self, seq: int, p0: int, p1: int, delta: int) -> None: ...
+    # optional (getattr): seq_pos_min(seq) and n_swa for sliding-window models; checkpoints_supported,
+    # checkpoint_save(seq) -> bytes, checkpoint_load(seq, data) -> bool
 
 
 class SlotState(enum.Enum):
     IDLE = "idle"
     PREFILL = "prefill"
     GENERATING = "generating"
+
+
+@dataclass(slots=True)
+class _Checkpoint:
+    n_tokens: int  # it restores the memory that could not be cut back as it was after this many tokens
+    data: bytes    # exactly then: a sliding window holds only the positions the next token attends to
 
 
 @dataclass(slots=True)
@@ -71,6 +85,9 @@ class _Slot:
     pending_tokens: list[int] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     last_used: float = 0.0
+    checkpoints: list[_Checkpoint] = field(default_factory=list)  # by n_tokens, ascending
+
+
 
 
 @dataclass(slots=True)
@@ -80,6 +97,9 @@ class SchedulerStats:
     max_seqs_per_step: int = 0  # most sequences that shared one decode (continuous batching at work)
     kv_full_retries: int = 0
     context_shifts: int = 0
+    checkpoints_saved: int = 0
+    checkpoints_restored: int = 0
+    prefix_dropped: int = 0  # prompts whose cached prefix could not be reused (window or state gone)
     engine_time_s: float = 0.0  # inside the native step (decode + sampling), GIL released
 
 
@@ -102,6 +122,7 @@ class Scheduler:
         context_shift: bool = False,
         projector: Any = None,
         kv_streams: bool = True,
+        checkpoints: int = 32,
     ) -> None:
         self._session = session
         self._projector = projector  # the engine's Projector: evaluates a prompt's media items
@@ -120,6 +141,10 @@ class Scheduler:
         self._context_shift = context_shift
         self.notified = False  # the last step's native call woke its notify_fd
         self._kv_streams = kv_streams  # one KV stream per sequence (llama.cpp, not unified): keep ids consecutive
+        self._n_swa = int(getattr(session, "n_swa", 0) or 0)
+        # checkpoints per slot, where some memory cannot be cut back and the engine can save it alone
+        can_save = bool(getattr(session, "checkpoints_supported", False))
+        self._max_checkpoints = checkpoints if can_save and (self._n_swa > 0 or recurrent) else 0
         self.stats = SchedulerStats()
 
     # ------------------------------------------------------------ public
@@ -133,6 +158,11 @@ class Scheduler:
         """Steps whose decode reused the previous compute graph (llama.cpp skips rebuilding it when the
         batch has the same shape); -1 where the engine does not count them."""
         return int(getattr(self._session, "graphs_reused", -1))
+
+    @property
+    def n_swa(self) -> int:
+        """Positions a sliding-window layer attends back (0: none, or the engine keeps them all)."""
+        return self._n_swa
 
     @property
     def n_slots(self) -> int:
@@ -199,6 +229,7 @@ class Scheduler:
                 rid = slot.req.request_id
                 out.append((rid, self._finish(slot, FinishReason.ERROR, error=error)))
                 slot.cached.clear()
+                slot.checkpoints.clear()
         return out
 
     def step(self, notify_fd: int = -1) -> list[tuple[str, list[GenerationEvent]]]:
@@ -244,6 +275,8 @@ class Scheduler:
             slot.last_used = now
             if slot.state is SlotState.PREFILL:
                 slot.prompt_pos += len(toks)
+                if self._max_checkpoints:
+                    self._checkpoint(slot)
         for seq, token, eog, piece, logprob, top in rows:
             slot = self._slots[seq]
             if slot.req is None:
@@ -269,6 +302,16 @@ class Scheduler:
                 slot.req = None
                 slot.state = SlotState.IDLE
                 err = InvalidRequestError(f"cannot start generation: {exc}", param="grammar")
+                out.append((req.request_id, [Finished(FinishReason.ERROR, Usage(len(req.prompt_tokens), 0), error=err)]))
+            except Exception as exc:  # a defect: this request fails (it is no longer queued), the slot starts over
+                log.exception("starting a request failed")
+                self._by_id.pop(req.request_id, None)
+                slot.req = None
+                slot.state = SlotState.IDLE
+                self._session.seq_rm(slot.seq, -1, -1)
+                slot.cached.clear()
+                slot.checkpoints.clear()
+                err = EngineError(f"cannot start generation: {exc}")
                 out.append((req.request_id, [Finished(FinishReason.ERROR, Usage(len(req.prompt_tokens), 0), error=err)]))
 
     def _pick_slot(self, idle: list[_Slot], prompt: Sequence[int]) -> _Slot:
@@ -302,15 +345,15 @@ class Scheduler:
         for span in req.media:
             if span.start < keep < span.end:
                 keep = span.start  # a media item's embeddings are decoded whole or not at all
-        if self._recurrent:
-            # Recurrent state cannot be cut back: reuse it only when the whole cached sequence is a prefix.
-            if keep < len(slot.cached):
-                keep = 0
+        if keep > 0 and not self._reusable(slot, keep):
+            keep = self._restore(slot, keep)
         if keep < len(slot.cached):
             if keep == 0 or not self._session.seq_rm(slot.seq, keep, -1):
                 self._session.seq_rm(slot.seq, -1, -1)
                 keep = 0
             del slot.cached[keep:]
+        while slot.checkpoints and slot.checkpoints[-1].n_tokens > keep:  # they hold tokens replaced now
+            slot.checkpoints.pop()
         history = np.asarray(prompt, dtype=np.int32)
         if req.media:
             history = history[history >= 0]  # media placeholders are no tokens to penalize
@@ -325,6 +368,49 @@ class Scheduler:
         slot.pending_tokens = []
         slot.pending_logprobs = []
         self._by_id[req.request_id] = slot
+
+    def _reusable(self, slot: _Slot, keep: int) -> bool:
+        """Whether the slot's memory, cut back to its first `keep` tokens, holds all the next token needs."""
+        if self._recurrent:  # recurrent state is the end of the sequence: only the whole of it is a prefix
+            return keep == len(slot.cached)
+        if self._n_swa > 0:
+            # a sliding-window layer attends to the last n_swa positions; older ones may be gone already
+            return self._session.seq_pos_min(slot.seq) <= max(0, keep - self._n_swa)
+        return True
+
+    def _restore(self, slot: _Slot, keep: int) -> int:
+        """The longest prefix (at most keep) a checkpoint can bring back into the slot's memory; 0 if none.
+
+        A checkpoint serves exactly its own length: the window it saved is what the token after it
+        attends to (an earlier token would need older positions), and recurrent state is only ever
+        the state after all of its tokens."""
+        cp = next((c for c in reversed(slot.checkpoints) if 0 < c.n_tokens <= keep), None)
+        if cp is None:
+            self.stats.prefix_dropped += 1
+            return 0
+        target = cp.n_tokens
+        # the checkpoint replaces the part that could not be cut back; the rest is cut back to target
+        if not self._session.checkpoint_load(slot.seq, cp.data) or not self._session.seq_rm(slot.seq, target, -1):
+            self._session.seq_rm(slot.seq, -1, -1)
+            slot.cached.clear()
+            slot.checkpoints.clear()
+            return 0
+        self.stats.checkpoints_restored += 1
+        del slot.cached[target:]
+        return target
+
+    def _checkpoint(self, slot: _Slot) -> None:
+        """Save what of the slot's memory cannot be cut back, as it is after its cached tokens."""
+        n = len(slot.cached)
+        if slot.checkpoints and slot.checkpoints[-1].n_tokens >= n:
+            return
+        data = self._session.checkpoint_save(slot.seq)
+        if not data:
+            return
+        slot.checkpoints.append(_Checkpoint(n, data))
+        if len(slot.checkpoints) > self._max_checkpoints:
+            del slot.checkpoints[0]  # the oldest (shortest prefix) goes first, as in llama-server
+        self.stats.checkpoints_saved += 1
 
     # ------------------------------------------------------------ batching
 
@@ -348,6 +434,7 @@ class Scheduler:
                     out.append((rid, self._finish(slot, FinishReason.ERROR, error=EngineError(str(exc)))))
                     self._session.seq_rm(slot.seq, -1, -1)
                     slot.cached.clear()
+                    slot.checkpoints.clear()
                     break
                 finally:
                     self.stats.engine_time_s += time.perf_counter() - t0
@@ -412,6 +499,7 @@ class Scheduler:
             if slot.state is SlotState.IDLE and slot.cached:
                 self._session.seq_rm(slot.seq, -1, -1)
                 slot.cached.clear()
+                slot.checkpoints.clear()
                 freed = True
         return freed
 
@@ -462,8 +550,10 @@ class Scheduler:
         except ValueError:
             self._session.seq_rm(slot.seq, -1, -1)
             slot.cached.clear()
+            slot.checkpoints.clear()
             return False
         del slot.cached[n_keep : n_keep + n_discard]
+        slot.checkpoints.clear()  # they hold the positions before the shift
         self.stats.context_shifts += 1
         return True
 

@@ -43,6 +43,17 @@ def test_partial_prefix_is_recomputed_not_reused(rwkv: Llama, tiny_rwkv: Path) -
     assert out.tokens == fresh(tiny_rwkv, other, 8)
 
 
+def test_partial_prefix_past_a_checkpoint_resumes_from_it(rwkv: Llama, tiny_rwkv: Path) -> None:
+    base = [1, *range(1000, 1039)]  # 40 tokens: two prompt chunks of 32 and 8, a checkpoint after each
+    rwkv.complete(base, max_tokens=4, **GREEDY)
+    restored = rwkv.scheduler.stats.checkpoints_restored
+    other = [*base[:35], 999, 998]  # leaves the cache after 35 tokens: the state after 32 is saved
+    out = rwkv.complete(other, max_tokens=8, **GREEDY)
+    assert out.usage.cached_tokens == 32
+    assert rwkv.scheduler.stats.checkpoints_restored == restored + 1
+    assert out.tokens == fresh(tiny_rwkv, other, 8)
+
+
 def test_whole_cached_sequence_is_continued(rwkv: Llama, tiny_rwkv: Path) -> None:
     prompt = [1, 500, 501, 502, 503]
     first = rwkv.complete(prompt, max_tokens=5, **GREEDY)

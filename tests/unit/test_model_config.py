@@ -74,12 +74,18 @@ def test_environment_fallbacks_apply_only_when_the_option_is_absent() -> None:
     ("cache_ram:512", "host-RAM prompt cache is not implemented"),
     ("cache_reuse:256", "KV-shifting chunk reuse"),
     ("fit:true", "fitting to device memory"),
-    ("ctx_checkpoints:8", "context checkpoints"),
+    ("ctx_checkpoints:-1", "at least 0"),
     ("swa_full:maybe", "expected a boolean"),
 ])
 def test_options_without_an_effect_are_rejected_with_the_reason(option: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_options([option], "m.yaml", env={})
+
+
+def test_context_checkpoints_option() -> None:
+    assert parse_options([], "x", env={}).n_ctx_checkpoints == 32  # LocalAI's default
+    assert parse_options(["ctx_checkpoints:4"], "x", env={}).n_ctx_checkpoints == 4
+    assert parse_options(["n_ctx_checkpoints:0"], "x", env={}).n_ctx_checkpoints == 0
 
 
 def test_ik_llama_cpp_knobs_parse_under_ik_and_their_own_names() -> None:

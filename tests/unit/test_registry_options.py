@@ -127,6 +127,19 @@ def test_slot_prompt_similarity_decides_prefix_reuse(engine: Any, tiny_llama: Pa
     trio.run(reg.close)
 
 
+def test_ctx_checkpoints_option_reaches_the_scheduler(engine: Any, tiny_gemma3: Path, tmp_path: Path) -> None:
+    opts = {"context_size": 1024, "batch": 32, "parameters": {"model": "tiny.gguf"}}
+    reg = make_registry(tmp_path, tiny_gemma3, {"ckpt": {**opts, "options": ["warmup:false", "parallel:1"]},
+                                                "none": {**opts, "options": ["warmup:false", "parallel:1",
+                                                                             "ctx_checkpoints:0"]}}, max_loaded=2)
+    prompt = list(range(300, 400))  # four prompt chunks of 32 tokens or fewer
+    for name, saved in (("ckpt", 4), ("none", 0)):
+        llm = load(reg, name)
+        llm.complete(prompt, max_tokens=1, temperature=0.0)
+        assert llm.scheduler.stats.checkpoints_saved == saved, name
+    trio.run(reg.close)
+
+
 def test_check_tensors_rejects_a_model_with_nan_weights(engine: Any, tiny_llama: Path, tmp_path: Path) -> None:
     from tests.ggufgen import write_tiny_llama
 

@@ -276,3 +276,29 @@ def test_a_new_request_keeps_the_active_sequence_ids_consecutive() -> None:
     assert seqs == {0, 1}  # d took slot 1 (dropping its cache), not the empty slot 2
     assert sess.kv[1][:2] == [40, 41]
     assert finished(run(sched)["d"]).reason is FinishReason.LENGTH
+
+
+def test_a_request_that_fails_to_start_gets_an_error_and_the_slot_serves_on() -> None:
+    """A failure while a request takes its slot (after it left the queue) must still finish it:
+    before, it was in neither the queue nor a slot, and its caller waited forever."""
+    from pylocalai.errors import EngineError
+
+    sess = FakeSession(n_seq_max=1)
+    sched = Scheduler(sess)
+    sched.submit(req("warm", [1, 2, 3, 4], max_tokens=2))
+    run(sched)
+    broken = sess.set_sampler
+
+    def fail_once(seq: int, params: dict, history: object) -> None:
+        sess.set_sampler = broken  # type: ignore[method-assign]
+        raise KeyError("boom")
+
+    sess.set_sampler = fail_once  # type: ignore[method-assign]
+    sched.submit(req("a", [1, 2, 3, 9], max_tokens=2))
+    sched.submit(req("b", [1, 2, 3, 8], max_tokens=2))
+    out = run(sched)
+    err = finished(out["a"])
+    assert err.reason is FinishReason.ERROR and isinstance(err.error, EngineError) and "boom" in str(err.error)
+    assert finished(out["b"]).reason is FinishReason.LENGTH
+    assert sess.kv[0][:4] == [1, 2, 3, 8]  # the slot was cleared and b decoded from the start
+    assert finished(out["b"]).usage.cached_tokens == 0
