@@ -466,10 +466,14 @@ class Scheduler:
                 if span.start >= slot.prompt_pos:
                     end = min(end, span.start)
                     break
+            start = len(slot.cached)
+            if self._max_checkpoints:
+                # chunks end on a grid of n_batch positions, so checkpoints (saved at chunk ends) lie at the
+                # same positions whatever prefix a prompt began from, where later prompts can find them
+                end = min(end, slot.prompt_pos + self._n_batch - start % self._n_batch)
             chunk = list(prompt[slot.prompt_pos : end])
             if not chunk:
                 continue
-            start = len(slot.cached)
             last = slot.prompt_pos + len(chunk) == len(prompt)
             tokens.extend(chunk)
             pos.extend(range(start, start + len(chunk)))

@@ -65,6 +65,16 @@ def test_prefix_left_far_back_comes_from_a_checkpoint(gemma: Llama, tiny_gemma3:
     same_answer(out, fresh(tiny_gemma3, prompt))
 
 
+def test_checkpoints_lie_on_a_grid_whatever_prefix_a_prompt_began_from(gemma: Llama, tiny_gemma3: Path) -> None:
+    gemma.complete(LONG, max_tokens=8, **GREEDY)
+    gemma.complete([*LONG[:300], *TAIL], max_tokens=4, **GREEDY)
+    gemma.complete(LONG, max_tokens=8, **GREEDY)  # reuses 300 tokens, then prefills from position 300
+    prompt = [*LONG[:350], *TAIL]  # too far back for the live window
+    out = gemma.complete(prompt, max_tokens=4, logprobs=5, **GREEDY)
+    assert out.usage.cached_tokens == 320  # a multiple of 32, not 300 + k * 32 (332)
+    same_answer(out, fresh(tiny_gemma3, prompt))
+
+
 def test_prefix_left_near_the_end_is_reused_from_the_live_cache(gemma: Llama, tiny_gemma3: Path) -> None:
     gemma.complete(LONG, max_tokens=8, **GREEDY)
     prompt = [*LONG[:590], *TAIL]
