@@ -219,7 +219,9 @@ class Scheduler:
         return [(request_id, self._finish(slot, FinishReason.CANCELLED))]
 
     def fail_all(self, error: EngineError) -> list[tuple[str, list[GenerationEvent]]]:
-        """The engine broke: finish every request with the error."""
+        """The engine broke: finish every request with the error. The memory of their slots is
+        cleared with their mirrors (a failed step may have written part of its batch), so the
+        slots serve the next requests from a consistent state."""
         out: list[tuple[str, list[GenerationEvent]]] = []
         while self._queue:
             req = self._queue.popleft()
@@ -228,6 +230,8 @@ class Scheduler:
             if slot.req is not None:
                 rid = slot.req.request_id
                 out.append((rid, self._finish(slot, FinishReason.ERROR, error=error)))
+                if self._session is not None:
+                    self._session.seq_rm(slot.seq, -1, -1)
                 slot.cached.clear()
                 slot.checkpoints.clear()
         return out

@@ -302,3 +302,34 @@ def test_a_request_that_fails_to_start_gets_an_error_and_the_slot_serves_on() ->
     assert finished(out["b"]).reason is FinishReason.LENGTH
     assert sess.kv[0][:4] == [1, 2, 3, 8]  # the slot was cleared and b decoded from the start
     assert finished(out["b"]).usage.cached_tokens == 0
+
+
+def test_after_a_failed_step_the_slots_serve_from_a_consistent_state() -> None:
+    """A step that fails after the engine wrote part of its batch (e.g. sampling raised after the
+    decode) ends every running request; their slots' memory must be cleared with the mirror, or
+    every later request there decodes at positions the memory already holds."""
+    from pylocalai.errors import EngineError
+
+    sess = FakeSession(n_seq_max=2)
+    sched = Scheduler(sess)
+    sched.submit(req("a", [1, 2, 3, 4], max_tokens=50))
+    sched.submit(req("b", [1, 2, 3, 5], max_tokens=50))
+    sched.step()
+    sched.step()
+    real_step = sess.step
+
+    def decode_then_fail(*args: object, **kw: object) -> object:
+        real_step(*args, **kw)  # type: ignore[arg-type]
+        raise RuntimeError("sampling failed")
+
+    sess.step = decode_then_fail  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError):
+        sched.step()
+    failed = dict(sched.fail_all(EngineError("engine step failed: sampling failed")))
+    assert {finished(failed[r]).reason for r in ("a", "b")} == {FinishReason.ERROR}
+    sess.step = real_step  # type: ignore[method-assign]
+    sched.submit(req("c", [1, 2, 3, 6], max_tokens=3))
+    sched.submit(req("d", [7, 8], max_tokens=3))
+    out = run(sched)
+    assert text_of(out["c"]) == "<7><8><9>" and text_of(out["d"]) == "<9><10><11>"
+    assert finished(out["c"]).usage.cached_tokens == 0
