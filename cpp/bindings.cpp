@@ -334,22 +334,22 @@ void register_session(py::module_ & m) {
         .def_property_readonly("n_swa", &Session::n_swa)
         .def_property_readonly("checkpoints_supported", &Session::checkpoints_supported)
         .def("checkpoint_save",
-             [](Session & s, int32_t seq) {
+             [](Session & s, int32_t seq, bool partial) {
                  std::vector<uint8_t> data;
                  {
                      py::gil_scoped_release release;
-                     data = s.checkpoint_save(seq);
+                     data = s.checkpoint_save(seq, partial);
                  }
                  return py::bytes(reinterpret_cast<const char *>(data.data()), data.size());
              },
-             py::arg("seq"))
+             py::arg("seq"), py::arg("partial") = true)
         .def("checkpoint_load",
-             [](Session & s, int32_t seq, const py::bytes & data) {
+             [](Session & s, int32_t seq, const py::bytes & data, bool partial) {
                  const auto view = static_cast<std::string_view>(data);
                  py::gil_scoped_release release;
-                 return s.checkpoint_load(seq, reinterpret_cast<const uint8_t *>(view.data()), view.size());
+                 return s.checkpoint_load(seq, reinterpret_cast<const uint8_t *>(view.data()), view.size(), partial);
              },
-             py::arg("seq"), py::arg("data"))
+             py::arg("seq"), py::arg("data"), py::arg("partial") = true)
         .def("clear", &Session::clear)
         .def("op_counts", &Session::op_counts)
         .def("weights_used", &Session::weights_used)

@@ -334,9 +334,11 @@ int32_t Session::seq_pos_max(int32_t seq) const { return compat::seq_pos_max(ctx
 int32_t Session::seq_pos_min(int32_t seq) const { return compat::seq_pos_min(ctx_, seq); }
 int32_t Session::n_swa() const { return compat::n_swa(llama_get_model(ctx_)); }
 bool Session::checkpoints_supported() const { return compat::checkpoints_supported(); }
-std::vector<uint8_t> Session::checkpoint_save(int32_t seq) { return compat::checkpoint_save(ctx_, seq); }
-bool Session::checkpoint_load(int32_t seq, const uint8_t * data, size_t size) {
-    return compat::checkpoint_load(ctx_, seq, data, size);
+std::vector<uint8_t> Session::checkpoint_save(int32_t seq, bool partial) {
+    return compat::checkpoint_save(ctx_, seq, partial);
+}
+bool Session::checkpoint_load(int32_t seq, const uint8_t * data, size_t size, bool partial) {
+    return compat::checkpoint_load(ctx_, seq, data, size, partial);
 }
 void Session::clear() { compat::memory_clear(ctx_); }
 bool Session::can_shift() const { return compat::can_shift(ctx_); }

@@ -247,8 +247,8 @@ public:
     int32_t seq_pos_min(int32_t seq) const;
     int32_t n_swa() const;
     bool checkpoints_supported() const;
-    std::vector<uint8_t> checkpoint_save(int32_t seq);
-    bool checkpoint_load(int32_t seq, const uint8_t * data, size_t size);
+    std::vector<uint8_t> checkpoint_save(int32_t seq, bool partial);
+    bool checkpoint_load(int32_t seq, const uint8_t * data, size_t size, bool partial);
     void clear();
     bool can_shift() const;
     int32_t graphs_reused() const;

@@ -140,6 +140,10 @@ class Llama:
     sequence, so where a prompt leaves the cached tokens further back than that, the prefix comes
     from a checkpoint saved at the end of a prompt chunk (n_batch tokens apart; n_ctx_checkpoints
     per slot, 0 = none) or, without one, is computed again.
+
+    cache_ram (MiB; -1 without a limit, 0 off): before a slot moves on to an unrelated prompt, its
+    whole memory is saved in host RAM, and a later prompt that shares more with a saved state than
+    with any slot gets that state back instead of computing those tokens again.
     """
 
     def __init__(
@@ -170,6 +174,7 @@ class Llama:
         cache_prompt: bool = True,
         slot_prompt_similarity: float = 0.1,
         n_ctx_checkpoints: int = 32,
+        cache_ram: int = 0,
         chat_template: str | None = None,
         op_offload: bool = True,
         context_shift: bool = False,
@@ -243,6 +248,7 @@ class Llama:
             # swa_full keeps every position in the window layers: checkpoints only for recurrent state then
             checkpoints=n_ctx_checkpoints if not swa_full or self.info["recurrent"] or self.info["hybrid"] else 0,
             context_shift=context_shift,
+            cache_ram=cache_ram,
             projector=self._projector,
             kv_streams=self.engine_name != "ik_llama_cpp" and not kv_unified,
         )

@@ -50,12 +50,12 @@ int32_t seq_pos_min(llama_context * ctx, int32_t seq);  // -1 for an empty seque
 // How far back a sliding-window layer attends (0: no such layers, or the fork keeps their whole
 // context). Cached positions older than the window are dropped from those layers.
 int32_t n_swa(const llama_model * model);
-// A checkpoint of the part of one sequence's memory that cannot be cut back to a shorter prefix
-// (the sliding-window cache, recurrent state), to restore later instead of recomputing the prompt.
-// checkpoints_supported() is false where the fork cannot save that part alone.
+// The state of one sequence's memory, to restore later instead of recomputing its tokens: all of it,
+// or (partial) only what cannot be cut back to a shorter prefix (the sliding-window cache, recurrent
+// state). checkpoints_supported() is false where the fork cannot save that part alone.
 bool checkpoints_supported();
-std::vector<uint8_t> checkpoint_save(llama_context * ctx, int32_t seq);
-bool checkpoint_load(llama_context * ctx, int32_t seq, const uint8_t * data, size_t size);
+std::vector<uint8_t> checkpoint_save(llama_context * ctx, int32_t seq, bool partial);
+bool checkpoint_load(llama_context * ctx, int32_t seq, const uint8_t * data, size_t size, bool partial);
 void memory_clear(llama_context * ctx);
 bool can_shift(llama_context * ctx);
 // Decodes that reused the previous step's compute graph instead of building one; -1 where the fork does not count.

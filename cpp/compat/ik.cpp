@@ -285,12 +285,21 @@ int32_t seq_pos_max(llama_context * ctx, int32_t seq) {
     return llama_kv_cache_seq_pos_min(ctx, seq) < 0 ? -1 : llama_kv_cache_seq_pos_max(ctx, seq);
 }
 int32_t seq_pos_min(llama_context * ctx, int32_t seq) { return llama_kv_cache_seq_pos_min(ctx, seq); }
-// ik keeps a whole-context cache for sliding-window layers (nothing is dropped), and its state calls
-// cannot save the sliding-window or recurrent part alone.
+// ik keeps a whole-context cache for sliding-window layers (nothing is dropped), so no partial
+// checkpoints are needed there; whole-sequence states are.
 int32_t n_swa(const llama_model * /*model*/) { return 0; }
 bool checkpoints_supported() { return false; }
-std::vector<uint8_t> checkpoint_save(llama_context * /*ctx*/, int32_t /*seq*/) { return {}; }
-bool checkpoint_load(llama_context * /*ctx*/, int32_t /*seq*/, const uint8_t * /*data*/, size_t /*size*/) { return false; }
+std::vector<uint8_t> checkpoint_save(llama_context * ctx, int32_t seq, bool partial) {
+    if (partial) {
+        return {};
+    }
+    std::vector<uint8_t> out(llama_state_seq_get_size(ctx, seq, 0));
+    out.resize(llama_state_seq_get_data(ctx, out.data(), out.size(), seq, 0));
+    return out;
+}
+bool checkpoint_load(llama_context * ctx, int32_t seq, const uint8_t * data, size_t size, bool partial) {
+    return !partial && llama_state_seq_set_data(ctx, data, size, seq, 0) == size;
+}
 void memory_clear(llama_context * ctx) { llama_kv_cache_clear(ctx); }
 int32_t graphs_reused(llama_context * /*ctx*/) { return -1; }  // ik keeps no such count
 

@@ -212,13 +212,15 @@ int32_t seq_pos_max(llama_context * ctx, int32_t seq) { return llama_memory_seq_
 int32_t seq_pos_min(llama_context * ctx, int32_t seq) { return llama_memory_seq_pos_min(llama_get_memory(ctx), seq); }
 int32_t n_swa(const llama_model * model) { return llama_model_n_swa(model); }
 bool checkpoints_supported() { return true; }
-std::vector<uint8_t> checkpoint_save(llama_context * ctx, int32_t seq) {
-    std::vector<uint8_t> out(llama_state_seq_get_size_ext(ctx, seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY));
-    out.resize(llama_state_seq_get_data_ext(ctx, out.data(), out.size(), seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY));
+std::vector<uint8_t> checkpoint_save(llama_context * ctx, int32_t seq, bool partial) {
+    const llama_state_seq_flags flags = partial ? LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY : 0;
+    std::vector<uint8_t> out(llama_state_seq_get_size_ext(ctx, seq, flags));
+    out.resize(llama_state_seq_get_data_ext(ctx, out.data(), out.size(), seq, flags));
     return out;
 }
-bool checkpoint_load(llama_context * ctx, int32_t seq, const uint8_t * data, size_t size) {
-    return llama_state_seq_set_data_ext(ctx, data, size, seq, LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY) == size;
+bool checkpoint_load(llama_context * ctx, int32_t seq, const uint8_t * data, size_t size, bool partial) {
+    const llama_state_seq_flags flags = partial ? LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY : 0;
+    return llama_state_seq_set_data_ext(ctx, data, size, seq, flags) == size;
 }
 void memory_clear(llama_context * ctx) { llama_memory_clear(llama_get_memory(ctx), true); }
 bool can_shift(llama_context * ctx) { return llama_memory_can_shift(llama_get_memory(ctx)); }

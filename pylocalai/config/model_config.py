@@ -56,7 +56,7 @@ class EngineOptions:
     warmup: bool = True
     no_op_offload: bool = False
     kv_unified: bool | None = None
-    cache_ram: int = 0
+    cache_ram: int = 8192  # MiB of host RAM for saved slot states (-1: no limit, 0: off), as llama-server
     n_cache_reuse: int = 0
     fit_params: bool = False
     n_ctx_checkpoints: int = 32  # per slot, for sliding-window and recurrent models (LocalAI's default)
@@ -121,7 +121,6 @@ _BOOL_OPTIONS = {"use_jinja", "context_shift", "swa_full", "cont_batching", "che
 # their no-op value, with the reason (never silently ignored)
 _NO_FIT = "fitting to device memory is not implemented; set gpu_layers and context_size"
 _UNSUPPORTED: dict[str, tuple[str | None, str]] = {
-    "cache_ram": ("0", "the host-RAM prompt cache is not implemented (slots keep their own KV prefix cache)"),
     "n_cache_reuse": ("0", "KV-shifting chunk reuse is not implemented (the longest common prefix is reused)"),
     "fit_params_target": (None, _NO_FIT),
     "fit_params_min_ctx": (None, _NO_FIT),
@@ -158,6 +157,8 @@ def parse_options(items: list[Any], where: str, env: dict[str, str] | None = Non
         elif key == "rpc_servers":
             values[key] = tuple(s.strip() for s in value.split(",") if s.strip())
         elif key in ("image_min_tokens", "image_max_tokens"):
+            values[key] = _int(value, at, lo=-1)
+        elif key == "cache_ram":
             values[key] = _int(value, at, lo=-1)
         elif key == "n_ctx_checkpoints":
             values[key] = _int(value, at, lo=0)

@@ -87,7 +87,12 @@ class ModelRegistry:
             out[name] = {"engine": engine_key(e.config.backend), "n_slots": sched.n_slots, "active_slots": sched.active_slots, "queued": sched.queued,
                          "n_ctx_seq": sched.n_ctx_seq, "in_use": e.in_use, "steps": sched.stats.steps,
                          "max_seqs_per_step": sched.stats.max_seqs_per_step, "graphs_reused": sched.graphs_reused,
-                         "engine_time_s": round(sched.stats.engine_time_s, 3)}
+                         "engine_time_s": round(sched.stats.engine_time_s, 3),
+                         "checkpoints_saved": sched.stats.checkpoints_saved,
+                         "checkpoints_restored": sched.stats.checkpoints_restored,
+                         "prefix_dropped": sched.stats.prefix_dropped,
+                         "ram_saved": sched.stats.ram_saved, "ram_restored": sched.stats.ram_restored,
+                         "ram_bytes": sched.stats.ram_bytes}
         return out
 
     # ------------------------------------------------------------ loading
@@ -154,7 +159,7 @@ class ModelRegistry:
             kv_unified=unified, swa_full=o.swa_full, n_gpu_layers=d.gpu_layers if cfg.gpu_layers is None else cfg.gpu_layers,
             use_mmap=cfg.mmap, use_mlock=cfg.mlock, check_tensors=o.check_tensors, op_offload=not o.no_op_offload,
             rpc_servers=list(o.rpc_servers), slot_prompt_similarity=o.slot_prompt_similarity,
-            n_ctx_checkpoints=o.n_ctx_checkpoints,
+            n_ctx_checkpoints=o.n_ctx_checkpoints, cache_ram=o.cache_ram,
             context_shift=o.context_shift, warmup=o.warmup, mmproj=cfg.mmproj, mmproj_use_gpu=o.mmproj_use_gpu,
             image_min_tokens=o.image_min_tokens, image_max_tokens=o.image_max_tokens, **dict(o.engine),
         )

@@ -6,6 +6,10 @@ every slot, GIL released). Slots keep a mirror of the tokens in their KV sequenc
 reuses the longest common prefix of an idle slot's cache. The direct Python API and the server's
 worker drive this same class.
 
+With a host-RAM prompt cache (cache_ram), the whole memory of a slot that moves on to an unrelated
+prompt is saved first, and a later prompt that shares more with a saved state than with any slot
+gets that state back (as llama-server's --cache-ram does).
+
 Some memory cannot simply be cut back to a prefix: sliding-window layers (Gemma 3, ...) drop the
 positions that fall out of their window, and recurrent state holds only the end of the sequence.
 A prefix is reused only where the memory still holds what its continuation needs; otherwise from a
@@ -71,6 +75,20 @@ class _Checkpoint:
     data: bytes    # exactly then: a sliding window holds only the positions the next token attends to
 
 
+@dataclass(slots=True, eq=False)  # compared by identity (list.remove)
+class _Saved:
+    """A slot's whole memory, kept in host RAM after the slot moved on to another prompt."""
+
+    tokens: np.ndarray  # int32: the tokens it holds
+    data: bytes
+    checkpoints: list[_Checkpoint]
+    pos_min: int  # the oldest position its sliding-window layers still held (0 without them)
+
+    @property
+    def size(self) -> int:
+        return len(self.data) + sum(len(c.data) for c in self.checkpoints)
+
+
 @dataclass(slots=True)
 class _Slot:
     seq: int
@@ -88,8 +106,6 @@ class _Slot:
     checkpoints: list[_Checkpoint] = field(default_factory=list)  # by n_tokens, ascending
 
 
-
-
 @dataclass(slots=True)
 class SchedulerStats:
     steps: int = 0
@@ -100,6 +116,9 @@ class SchedulerStats:
     checkpoints_saved: int = 0
     checkpoints_restored: int = 0
     prefix_dropped: int = 0  # prompts whose cached prefix could not be reused (window or state gone)
+    ram_saved: int = 0  # slot states saved to the host-RAM prompt cache
+    ram_restored: int = 0  # ... and brought back for a prompt that shares more with them
+    ram_bytes: int = 0  # what the saved states take now
     engine_time_s: float = 0.0  # inside the native step (decode + sampling), GIL released
 
 
@@ -123,6 +142,7 @@ class Scheduler:
         projector: Any = None,
         kv_streams: bool = True,
         checkpoints: int = 32,
+        cache_ram: int = 0,
     ) -> None:
         self._session = session
         self._projector = projector  # the engine's Projector: evaluates a prompt's media items
@@ -145,6 +165,10 @@ class Scheduler:
         # checkpoints per slot, where some memory cannot be cut back and the engine can save it alone
         can_save = bool(getattr(session, "checkpoints_supported", False))
         self._max_checkpoints = checkpoints if can_save and (self._n_swa > 0 or recurrent) else 0
+        # host-RAM prompt cache: MiB (-1 without a limit, 0 off), where the engine can save a sequence
+        self._ram_limit = None if cache_ram < 0 else cache_ram << 20
+        self._ram_on = cache_ram != 0 and cache_prompt and hasattr(session, "checkpoint_save")
+        self._ram: list[_Saved] = []  # least recently saved first
         self.stats = SchedulerStats()
 
     # ------------------------------------------------------------ public
@@ -343,12 +367,9 @@ class Scheduler:
 
     def _start(self, slot: _Slot, req: EngineRequest) -> None:
         prompt = req.prompt_tokens
-        keep = _common_prefix(slot.cached, prompt) if self._cache_prompt else 0
-        if keep >= len(prompt):
-            keep = len(prompt) - 1  # always decode at least one prompt token: its logits start generation
-        for span in req.media:
-            if span.start < keep < span.end:
-                keep = span.start  # a media item's embeddings are decoded whole or not at all
+        keep = _usable_prefix(_common_prefix(slot.cached, prompt), req) if self._cache_prompt else 0
+        if self._ram_on:
+            keep = self._swap_in(slot, req, keep)
         if keep > 0 and not self._reusable(slot, keep):
             keep = self._restore(slot, keep)
         if keep < len(slot.cached):
@@ -372,6 +393,81 @@ class Scheduler:
         slot.pending_tokens = []
         slot.pending_logprobs = []
         self._by_id[req.request_id] = slot
+
+    # ------------------------------------------------------------ host-RAM prompt cache
+
+    def _swap_in(self, slot: _Slot, req: EngineRequest, keep: int) -> int:
+        """Before the slot takes req: save what it holds if the prompt discards it, and bring back a
+        saved state that serves the prompt better than the slot does. Returns the prefix to keep."""
+        own = self._reachable(slot.cached, slot.checkpoints, keep, None, slot.seq)
+        best: tuple[int, int, _Saved] | None = None  # (reachable, prefix, state)
+        prompt = np.asarray(req.prompt_tokens, dtype=np.int32)
+        for saved in self._ram:
+            lcp = _usable_prefix(_array_prefix(saved.tokens, prompt), req)
+            gain = self._reachable(saved.tokens, saved.checkpoints, lcp, saved.pos_min, None)
+            if gain > own + _RAM_MIN_GAIN and (best is None or gain > best[0]):
+                best = (gain, lcp, saved)
+        if best is None:
+            # worth saving where the prompt discards much of what the slot holds (not a chat's next turn,
+            # whose last tokens merely came out otherwise)
+            if len(slot.cached) - keep >= _RAM_MIN_TOKENS:
+                self._ram_save(slot)
+            return keep
+        _, lcp, saved = best
+        self._ram.remove(saved)  # the state moves into the slot (before saving the slot's own: no eviction)
+        self.stats.ram_bytes -= saved.size
+        self._ram_save(slot)
+        if not self._session.checkpoint_load(slot.seq, saved.data, False):
+            self._session.seq_rm(slot.seq, -1, -1)
+            slot.cached.clear()
+            slot.checkpoints.clear()
+            return 0
+        slot.cached = saved.tokens.tolist()
+        slot.checkpoints = saved.checkpoints
+        self.stats.ram_restored += 1
+        return lcp
+
+    def _reachable(self, tokens: Sequence[int], checkpoints: list[_Checkpoint], keep: int,
+                   pos_min: int | None, seq: int | None) -> int:
+        """The prefix a memory holding `tokens` can serve for a prompt sharing `keep` of them."""
+        if keep <= 0:
+            return 0
+        if self._recurrent:
+            whole = keep == len(tokens)
+        elif self._n_swa > 0:
+            low = self._session.seq_pos_min(seq) if pos_min is None else pos_min
+            whole = low <= max(0, keep - self._n_swa)
+        else:
+            whole = True
+        if whole:
+            return keep
+        return max((c.n_tokens for c in checkpoints if c.n_tokens <= keep), default=0)
+
+    def _ram_save(self, slot: _Slot) -> None:
+        """Keep the slot's whole memory in host RAM (it is about to be cut back or replaced)."""
+        n = len(slot.cached)
+        if n < _RAM_MIN_TOKENS:
+            return
+        tokens = np.asarray(slot.cached, dtype=np.int32)
+        for saved in self._ram:
+            if len(saved.tokens) >= n and _array_prefix(saved.tokens, tokens) == n:
+                return  # a saved state already holds all of it
+        for saved in [s for s in self._ram if len(s.tokens) < n and _array_prefix(s.tokens, tokens) == len(s.tokens)]:
+            self._ram.remove(saved)  # this one holds all that one does, and more
+            self.stats.ram_bytes -= saved.size
+        data = self._session.checkpoint_save(slot.seq, False)
+        if not data:
+            return
+        pos_min = int(self._session.seq_pos_min(slot.seq)) if self._n_swa > 0 else 0
+        saved = _Saved(tokens, data, list(slot.checkpoints), pos_min)
+        if self._ram_limit is not None and saved.size > self._ram_limit:
+            return
+        self._ram.append(saved)
+        self.stats.ram_bytes += saved.size
+        self.stats.ram_saved += 1
+        while len(self._ram) > _RAM_MAX_STATES or (self._ram_limit is not None and self.stats.ram_bytes > self._ram_limit):
+            old = self._ram.pop(0)
+            self.stats.ram_bytes -= old.size
 
     def _reusable(self, slot: _Slot, keep: int) -> bool:
         """Whether the slot's memory, cut back to its first `keep` tokens, holds all the next token needs."""
@@ -607,6 +703,25 @@ def _span_at(media: Sequence[MediaSpan], index: int) -> MediaSpan | None:
 
 
 _LONG_PREFIX = 256  # cached tokens worth taking a slot for even if its id is not next to the active ones
+_RAM_MIN_TOKENS = 32  # shorter states (or discarded tails) are not worth saving to host RAM
+_RAM_MIN_GAIN = 8  # tokens a saved state must serve beyond what the slot itself does to be brought back
+_RAM_MAX_STATES = 256  # each prompt is compared with every saved state
+
+
+def _usable_prefix(lcp: int, req: EngineRequest) -> int:
+    """A shared prefix as far as it can be kept: at least one prompt token is decoded (its logits start
+    generation), and a media item's embeddings are kept whole or not at all."""
+    keep = min(lcp, len(req.prompt_tokens) - 1)
+    for span in req.media:
+        if span.start < keep < span.end:
+            keep = span.start
+    return keep
+
+
+def _array_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    same = a[:n] == b[:n]
+    return n if same.all() else int(same.argmin())
 
 
 def _runs(seqs: list[int]) -> int:

@@ -87,7 +87,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> 
         "name": "smol-go", "parameters": {"model": "smollm2.gguf", "temperature": 0.0},
         "template": CHATML_GO, "stopwords": ["<|im_end|>"], "options": ["parallel:2", "cont_batching:false"],
     }))
-    (d / "broken.yaml").write_text("name: broken\nparameters: {model: smollm2.gguf}\noptions: ['cache_ram:512']\n")
+    (d / "broken.yaml").write_text("name: broken\nparameters: {model: smollm2.gguf}\noptions: ['cache_reuse:256']\n")
     (d / "escape.yaml").write_text("name: escape\nparameters: {model: ../outside.gguf}\n")
     return d
 
@@ -126,7 +126,7 @@ def test_models_lists_configs_and_reports_broken_ones(server: Server, client: An
     assert {"smol", "smol-go"} <= ids
     assert "broken" not in ids and "escape" not in ids
     errors = server.ready()["config_errors"]
-    assert any("broken.yaml" in e and "cache_ram" in e for e in errors)
+    assert any("broken.yaml" in e and "cache_reuse" in e for e in errors)
     assert any("escape.yaml" in e and "inside the models folder" in e for e in errors)
 
 
@@ -137,6 +137,7 @@ def test_options_take_effect(server: Server, client: Any) -> None:
     assert loaded["smol"]["n_slots"] == 4  # parallel:4
     assert loaded["smol"]["n_ctx_seq"] >= 1024  # context_size is per request
     assert loaded["smol-go"]["n_slots"] == 1  # cont_batching:false serves one at a time
+    assert loaded["smol"]["checkpoints_saved"] == 0  # no sliding window, no recurrent state: none needed
 
 
 # ---------------------------------------------------------------- chat completions

@@ -71,7 +71,7 @@ def test_environment_fallbacks_apply_only_when_the_option_is_absent() -> None:
     ("nonsense:1", "unknown option 'nonsense'"),
     ("parallel:0", "at least 1"),
     ("sps:2", "within"),
-    ("cache_ram:512", "host-RAM prompt cache is not implemented"),
+    ("cache_ram:-2", "at least -1"),
     ("cache_reuse:256", "KV-shifting chunk reuse"),
     ("fit:true", "fitting to device memory"),
     ("ctx_checkpoints:-1", "at least 0"),
@@ -86,6 +86,12 @@ def test_context_checkpoints_option() -> None:
     assert parse_options([], "x", env={}).n_ctx_checkpoints == 32  # LocalAI's default
     assert parse_options(["ctx_checkpoints:4"], "x", env={}).n_ctx_checkpoints == 4
     assert parse_options(["n_ctx_checkpoints:0"], "x", env={}).n_ctx_checkpoints == 0
+
+
+def test_cache_ram_option() -> None:
+    assert parse_options([], "x", env={}).cache_ram == 8192  # llama-server's default
+    assert parse_options(["cache_ram:0"], "x", env={}).cache_ram == 0
+    assert parse_options(["cache_ram:-1"], "x", env={}).cache_ram == -1
 
 
 def test_ik_llama_cpp_knobs_parse_under_ik_and_their_own_names() -> None:

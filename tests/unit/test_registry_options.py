@@ -140,6 +140,19 @@ def test_ctx_checkpoints_option_reaches_the_scheduler(engine: Any, tiny_gemma3: 
     trio.run(reg.close)
 
 
+def test_cache_ram_option_reaches_the_scheduler(engine: Any, tiny_llama: Path, tmp_path: Path) -> None:
+    opts = {"context_size": 512, "parameters": {"model": "tiny.gguf"}}
+    reg = make_registry(tmp_path, tiny_llama, {"ram": {**opts, "options": ["warmup:false", "parallel:1"]},
+                                               "none": {**opts, "options": ["warmup:false", "parallel:1",
+                                                                            "cache_ram:0"]}}, max_loaded=2)
+    for name, saved in (("ram", 1), ("none", 0)):
+        llm = load(reg, name)
+        llm.complete(list(range(300, 400)), max_tokens=1, temperature=0.0)
+        llm.complete(list(range(500, 600)), max_tokens=1, temperature=0.0)  # the slot moves on
+        assert llm.scheduler.stats.ram_saved == saved, name
+    trio.run(reg.close)
+
+
 def test_check_tensors_rejects_a_model_with_nan_weights(engine: Any, tiny_llama: Path, tmp_path: Path) -> None:
     from tests.ggufgen import write_tiny_llama
 
