@@ -12,6 +12,10 @@ repeats with their min-max, and ratios pylocalai / llama-server:
   (TTFT p50/p95, per-stream decode tok/s, aggregate output tok/s, errors);
 - prefix: a shared ~1,500-token system prompt; TTFT of the first (cold) request vs the warm ones;
 - prefill: one ~2,000-token prompt (prefill tok/s = prompt tokens / TTFT);
+- revisit: more conversations than slots (twice as many, each with its own ~800-token notes),
+  visited one after another, then each again with a new question: the slots have moved on by then,
+  so a revisit is fast only where the server kept its state elsewhere (both keep slot states in
+  host RAM: pylocalai's and llama-server's cache_ram);
 - endpoints (pylocalai alone): every scenario above again on /v1/messages and /v1/responses, each
   compared with the same scenario on chat completions.
 
@@ -443,6 +447,21 @@ def make_scenarios(args: argparse.Namespace) -> list[Scenario]:
                     "prefill_tps": r.prompt_tokens / r.ttft if r.ok and r.ttft > 0 else math.nan}
         return run
 
+    def revisit(endpoint: str = "chat"):
+        async def run(server: Server, rep: int) -> dict[str, Any]:
+            notes = [f"Conversation {rep}-{k} ({endpoint}). You are a helpful assistant. Notes follow. "
+                     + words(args.revisit_words, 3000 + 97 * rep + k) for k in range(2 * args.parallel)]
+            first = [(n, f"Task 0. {PROMPTS[0]}") for n in notes]
+            again = [(n, f"Task 1. {PROMPTS[1]}") for n in notes]
+            cold, _ = await run_load(server.base, endpoint, server.model_name, first, 1, 8, limit, server.request_extra())
+            warm, _ = await run_load(server.base, endpoint, server.model_name, again, 1, 8, limit, server.request_extra())
+            ok = [r for r in cold + warm if r.ok]
+            c, w = pct([r.ttft for r in cold if r.ok], 0.5), pct([r.ttft for r in warm if r.ok], 0.5)
+            return {"errors": len(cold) + len(warm) - len(ok),
+                    "error_samples": sorted({r.error for r in cold + warm if not r.ok})[:3],
+                    "ttft_first_p50": c, "ttft_revisit_p50": w, "revisit_over_first": w / c if c > 0 else math.nan}
+        return run
+
     if args.smoke:
         return [Scenario("c1", concurrency(1, n_req=2), headline=["aggregate_tps", "ttft_p50", "decode_tps_p50"])]
     scenarios = []
@@ -452,6 +471,7 @@ def make_scenarios(args: argparse.Namespace) -> list[Scenario]:
     prefix_head, prefill_head = ["ttft_cold", "ttft_warm_p50", "warm_over_cold", "prompt_tokens"], ["prefill_tps", "ttft", "prompt_tokens"]
     scenarios.append(Scenario("prefix", prefix(), headline=prefix_head))
     scenarios.append(Scenario("prefill", prefill(), headline=prefill_head))
+    scenarios.append(Scenario("revisit", revisit(), headline=["ttft_first_p50", "ttft_revisit_p50", "revisit_over_first"]))
     for ep in ("messages", "responses"):  # the same scenarios on the other protocols, pylocalai alone
         for c in args.concurrency:
             scenarios.append(Scenario(f"{ep}-c{c}", concurrency(c, endpoint=ep), servers="pylocalai",
@@ -602,6 +622,9 @@ ROWS = [  # (scenario, key, label, scale, digits)
     ("prefix", "ttft_warm_p50", "shared prefix: warm TTFT ms", 1000, 1),
     ("prefix", "warm_over_cold", "shared prefix: warm / cold", 1, 3),
     ("prefill", "prefill_tps", "prefill tok/s (one long prompt)", 1, 1),
+    ("revisit", "ttft_first_p50", "revisit: first visit TTFT p50 ms", 1000, 1),
+    ("revisit", "ttft_revisit_p50", "revisit: TTFT p50 ms of a conversation the slots left", 1000, 1),
+    ("revisit", "revisit_over_first", "revisit: revisit / first visit", 1, 3),
 ]
 
 
@@ -741,6 +764,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--prefix-words", type=int, default=1340, help="shared system prompt length (~1,500 tokens)")
     ap.add_argument("--prefix-warm", type=int, default=4, help="warm requests after the cold one")
+    ap.add_argument("--revisit-words", type=int, default=700, help="notes per conversation in revisit (~800 tokens)")
     ap.add_argument("--prefill-words", type=int, default=1800, help="long prompt length (~2,000 tokens)")
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds per run; requests left over are errors")
     ap.add_argument("--scenarios", nargs="+", metavar="NAME",
