@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,44 @@ log = logging.getLogger(__name__)
 
 _TRUE = {"true", "1", "yes", "on", "enabled"}
 _FALSE = {"false", "0", "no", "off", "disabled"}
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as LocalAI (Go) reads it: only true/false are booleans (YAML 1.2), so `name: on` or a
+    stopword `no` stay strings; boolean fields take yes/no/on/off through _flag."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [r for r in rs if r[0] != "tag:yaml.org,2002:bool"] for ch, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass
+
+
+def _scalar_text(v: Any) -> Any:
+    """A number or boolean where a string belongs, as Go's YAML decoder reads it into a string field."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return str(v)
+    return v
+
+
+def _flag(doc: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    v = doc.get(key, default)
+    if isinstance(v, bool):
+        return v
+    if v is None:
+        return default
+    t = str(v).strip().lower()
+    if t in _TRUE:
+        return True
+    if t in _FALSE:
+        return False
+    raise ConfigError(f"{where}: field {key!r} must be true or false, got {v!r}", param=key)
 
 
 class ConfigError(InvalidRequestError):
@@ -226,7 +265,7 @@ def safe_model_file(models_dir: Path, name: str, where: str) -> Path:
 def parse_config(doc: Any, models_dir: Path, source: str, env: dict[str, str] | None = None) -> ModelConfig:
     if not isinstance(doc, dict):
         raise ConfigError(f"{source}: a model config must be a mapping, got {type(doc).__name__}")
-    name = doc.get("name")
+    name = _scalar_text(doc.get("name"))
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"{source}: field 'name' is required and must be a non-empty string", param="name")
     where = f"{source} ({name})"
@@ -245,7 +284,7 @@ def parse_config(doc: Any, models_dir: Path, source: str, env: dict[str, str] | 
     template = TemplateConfig(
         **{k: _template_text(models_dir, tmpl.get(k), f"{where}: template.{k}")
            for k in ("chat", "chat_message", "completion", "edit", "function", "multimodal")},
-        use_tokenizer_template=bool(tmpl.get("use_tokenizer_template", False)),
+        use_tokenizer_template=_flag(tmpl, "use_tokenizer_template", False, f"{where}: template"),
         join_chat_messages_by_character=tmpl.get("join_chat_messages_by_character"),
         reply_prefix=str(tmpl.get("reply_prefix") or ""),
     )
@@ -253,6 +292,8 @@ def parse_config(doc: Any, models_dir: Path, source: str, env: dict[str, str] | 
     if not isinstance(opts, list):
         raise ConfigError(f"{where}: field 'options' must be a list of 'key:value' strings", param="options")
     stop = doc.get("stopwords") or []
+    if isinstance(stop, list):
+        stop = [_scalar_text(s) for s in stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise ConfigError(f"{where}: field 'stopwords' must be a list of strings", param="stopwords")
     roles = doc.get("roles") or {}
@@ -279,9 +320,9 @@ def parse_config(doc: Any, models_dir: Path, source: str, env: dict[str, str] | 
         context_size=_opt_int(doc, "context_size", where),
         threads=_opt_int(doc, "threads", where),
         gpu_layers=_opt_int(doc, "gpu_layers", where),
-        mmap=bool(doc.get("mmap", True)),
-        mlock=bool(doc.get("mmlock", doc.get("mlock", False))),
-        f16=bool(doc.get("f16", False)),
+        mmap=_flag(doc, "mmap", True, where),
+        mlock=_flag(doc, "mmlock" if "mmlock" in doc else "mlock", False, where),
+        f16=_flag(doc, "f16", False, where),
         stopwords=tuple(stop),
         system_prompt=str(doc.get("system_prompt") or ""),
         cache_type_k=str(doc.get("cache_type_k") or "f16"),
@@ -343,7 +384,7 @@ def load_catalog(models_dir: str | os.PathLike[str], env: dict[str, str] | None 
         if path.name.startswith(".") or path.suffix.lower() not in (".yaml", ".yml") or not path.is_file():
             continue
         try:
-            docs = yaml.safe_load(path.read_text(encoding="utf-8"))
+            docs = load_yaml(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             catalog.errors.append(f"{path.name}: not valid YAML: {exc}")
             continue

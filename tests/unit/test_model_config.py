@@ -26,6 +26,21 @@ def test_single_and_list_configs_and_loose_gguf(tmp_path: Path) -> None:
     assert cat.errors == []
 
 
+def test_yaml_reads_as_localai_does_only_true_and_false_are_booleans(tmp_path: Path) -> None:
+    # PyYAML's default (YAML 1.1) made `name: on` a boolean (and the config an error) and the
+    # stopword `no` False; Go's decoder keeps them strings. Boolean fields still take yes/no/on/off.
+    write(tmp_path, "on.yaml", "name: on\nparameters: {model: m.gguf}\nstopwords: [no, 42, '<|im_end|>']\n"
+                               "mmap: no\nf16: yes\nmmlock: on\n")
+    write(tmp_path, "n.yaml", "name: 123\nparameters: {model: m.gguf}\nmmap: true\n")
+    write(tmp_path, "bad.yaml", "name: bad\nparameters: {model: m.gguf}\nf16: maybe\n")
+    cat = load_catalog(tmp_path)
+    on = cat.configs["on"]
+    assert on.stopwords == ("no", "42", "<|im_end|>")
+    assert (on.mmap, on.f16, on.mlock) == (False, True, True)
+    assert cat.configs["123"].mmap is True
+    assert "bad" not in cat.configs and any("bad.yaml" in e and "'f16'" in e for e in cat.errors)
+
+
 def test_a_broken_config_is_reported_by_file_and_field_and_skipped(tmp_path: Path) -> None:
     write(tmp_path, "good.yaml", "name: good\nparameters: {model: g.gguf}\n")
     write(tmp_path, "bad-yaml.yaml", "name: [unclosed\n")
