@@ -304,7 +304,7 @@ class Scheduler:
             if slot.state is SlotState.PREFILL:
                 slot.prompt_pos += len(toks)
                 if self._max_checkpoints:
-                    self._checkpoint(slot)
+                    self._checkpoint(slot, slot.req is not None and slot.prompt_pos == len(slot.req.prompt_tokens))
         for seq, token, eog, piece, logprob, top in rows:
             slot = self._slots[seq]
             if slot.req is None:
@@ -417,10 +417,12 @@ class Scheduler:
         self._ram.remove(saved)  # the state moves into the slot (before saving the slot's own: no eviction)
         self.stats.ram_bytes -= saved.size
         self._ram_save(slot)
-        if not self._session.checkpoint_load(slot.seq, saved.data, False):
+        if not self._session.checkpoint_load(slot.seq, saved.data, False):  # e.g. no room in a shared cache
             self._session.seq_rm(slot.seq, -1, -1)
             slot.cached.clear()
             slot.checkpoints.clear()
+            self._ram.append(saved)  # not lost: it serves a later prompt
+            self.stats.ram_bytes += saved.size
             return 0
         slot.cached = saved.tokens.tolist()
         slot.checkpoints = saved.checkpoints
@@ -450,24 +452,38 @@ class Scheduler:
             return
         tokens = np.asarray(slot.cached, dtype=np.int32)
         for saved in self._ram:
-            if len(saved.tokens) >= n and _array_prefix(saved.tokens, tokens) == n:
-                return  # a saved state already holds all of it
-        for saved in [s for s in self._ram if len(s.tokens) < n and _array_prefix(s.tokens, tokens) == len(s.tokens)]:
-            self._ram.remove(saved)  # this one holds all that one does, and more
-            self.stats.ram_bytes -= saved.size
-        data = self._session.checkpoint_save(slot.seq, False)
+            if len(saved.tokens) >= n and _array_prefix(saved.tokens, tokens) == n and self._covers(saved.checkpoints, n):
+                return  # a saved state already serves all of it
+        try:
+            data = self._session.checkpoint_save(slot.seq, False)
+        except (MemoryError, RuntimeError):  # an optional cache: the request goes on without it
+            log.exception("saving a slot's state to host RAM failed")
+            return
         if not data:
             return
-        pos_min = int(self._session.seq_pos_min(slot.seq)) if self._n_swa > 0 else 0
+        # a whole-sequence save keeps only the window's positions (older ones are masked out) even
+        # where the live cache still holds a few more
+        pos_min = max(int(self._session.seq_pos_min(slot.seq)), n - self._n_swa) if self._n_swa > 0 else 0
         saved = _Saved(tokens, data, list(slot.checkpoints), pos_min)
         if self._ram_limit is not None and saved.size > self._ram_limit:
             return
+        for old in [s for s in self._ram if len(s.tokens) < n and _array_prefix(s.tokens, tokens) == len(s.tokens)
+                    and self._covers(saved.checkpoints, len(s.tokens))]:
+            self._ram.remove(old)  # the new state serves all that one did
+            self.stats.ram_bytes -= old.size
         self._ram.append(saved)
         self.stats.ram_bytes += saved.size
         self.stats.ram_saved += 1
         while len(self._ram) > _RAM_MAX_STATES or (self._ram_limit is not None and self.stats.ram_bytes > self._ram_limit):
             old = self._ram.pop(0)
             self.stats.ram_bytes -= old.size
+
+    def _covers(self, checkpoints: list[_Checkpoint], n: int) -> bool:
+        """Whether a longer state serves a prefix of n tokens: where memory cuts back freely, always;
+        a window or recurrent state only through a checkpoint of exactly that length."""
+        if not (self._recurrent or self._n_swa > 0):
+            return True
+        return any(c.n_tokens == n for c in checkpoints)
 
     def _reusable(self, slot: _Slot, keep: int) -> bool:
         """Whether the slot's memory, cut back to its first `keep` tokens, holds all the next token needs."""
@@ -499,17 +515,29 @@ class Scheduler:
         del slot.cached[target:]
         return target
 
-    def _checkpoint(self, slot: _Slot) -> None:
-        """Save what of the slot's memory cannot be cut back, as it is after its cached tokens."""
+    def _checkpoint(self, slot: _Slot, prompt_end: bool) -> None:
+        """Save what of the slot's memory cannot be cut back, as it is after its cached tokens: at the
+        prompt's end, and at most once for every n_batch positions (short chunks, when generating
+        slots or a full cache shrink the budget, do not each get one)."""
         n = len(slot.cached)
-        if slot.checkpoints and slot.checkpoints[-1].n_tokens >= n:
+        last = slot.checkpoints[-1].n_tokens if slot.checkpoints else 0
+        if last >= n or (not prompt_end and n // self._n_batch <= last // self._n_batch):
             return
-        data = self._session.checkpoint_save(slot.seq)
-        if not data:
+        try:
+            data = self._session.checkpoint_save(slot.seq)
+        except (MemoryError, RuntimeError):  # an optional cache: the requests go on without it
+            log.exception("saving a checkpoint failed")
+            return
+        if not data or len(data) > _CHECKPOINT_BYTES:
             return
         slot.checkpoints.append(_Checkpoint(n, data))
         if len(slot.checkpoints) > self._max_checkpoints:
             del slot.checkpoints[0]  # the oldest (shortest prefix) goes first, as in llama-server
+        # host RAM for all slots' checkpoints is bounded too (a big model's window is hundreds of MiB):
+        # the oldest checkpoint of the slot that holds the most goes first
+        while sum(len(c.data) for sl in self._slots for c in sl.checkpoints) > _CHECKPOINT_BYTES:
+            fat = max(self._slots, key=lambda sl: sum(len(c.data) for c in sl.checkpoints))
+            del fat.checkpoints[0]
         self.stats.checkpoints_saved += 1
 
     # ------------------------------------------------------------ batching
@@ -569,8 +597,11 @@ class Scheduler:
             start = len(slot.cached)
             if self._max_checkpoints:
                 # chunks end on a grid of n_batch positions, so checkpoints (saved at chunk ends) lie at the
-                # same positions whatever prefix a prompt began from, where later prompts can find them
-                end = min(end, slot.prompt_pos + self._n_batch - start % self._n_batch)
+                # same positions whatever prefix a prompt began from, where later prompts can find them;
+                # not where that would cut the chunk below half the budget (generating slots take some)
+                grid = slot.prompt_pos + self._n_batch - start % self._n_batch
+                if 2 * (grid - slot.prompt_pos) >= budget:
+                    end = min(end, grid)
             chunk = list(prompt[slot.prompt_pos : end])
             if not chunk:
                 continue
@@ -706,6 +737,7 @@ _LONG_PREFIX = 256  # cached tokens worth taking a slot for even if its id is no
 _RAM_MIN_TOKENS = 32  # shorter states (or discarded tails) are not worth saving to host RAM
 _RAM_MIN_GAIN = 8  # tokens a saved state must serve beyond what the slot itself does to be brought back
 _RAM_MAX_STATES = 256  # each prompt is compared with every saved state
+_CHECKPOINT_BYTES = 2 << 30  # host RAM for all slots' checkpoints together
 
 
 def _usable_prefix(lcp: int, req: EngineRequest) -> int:

@@ -100,3 +100,21 @@ def test_recurrent_state_comes_back_whole_or_from_a_checkpoint(engine: Any, tiny
         assert out.usage.cached_tokens == 40
         assert m.scheduler.stats.ram_restored == 1
     assert out.tokens == fresh(tiny_rwkv, [*base, 7, 8], **kw)
+
+
+def test_a_saved_window_state_is_not_taken_for_a_prefix_it_cannot_serve(engine: Any, tiny_gemma3: Path) -> None:
+    """A whole-sequence save keeps only the window's last positions, even with swa_full (where the
+    live cache holds them all and no checkpoints are kept): such a state cannot serve a prefix that
+    ends further back, so it must stay saved rather than be swapped in and dropped."""
+    long = tokens(601)
+    gemma = {"cache_type_k": "f32", "cache_type_v": "f32", "n_batch": 32, "n_ubatch": 32, "swa_full": True}
+    with Llama(tiny_gemma3, **params(cache_ram=64, **gemma)) as m:
+        first = m.complete(long, max_tokens=8, **GREEDY)
+        m.complete(B, max_tokens=8, **GREEDY)
+        out = m.complete([*long[:300], *TAIL], max_tokens=2, **GREEDY)
+        assert out.usage.cached_tokens == 1 and m.scheduler.stats.ram_restored == 0
+        # a prompt that goes on from all of the saved tokens (the last answer token was never decoded)
+        held = [*long, *first.tokens[:7]]
+        again = m.complete([*held, *TAIL], max_tokens=2, **GREEDY)
+        assert again.usage.cached_tokens == len(held)
+        assert m.scheduler.stats.ram_restored == 1

@@ -333,3 +333,35 @@ def test_after_a_failed_step_the_slots_serve_from_a_consistent_state() -> None:
     out = run(sched)
     assert text_of(out["c"]) == "<7><8><9>" and text_of(out["d"]) == "<9><10><11>"
     assert finished(out["c"]).usage.cached_tokens == 0
+
+
+class WindowSession(FakeSession):
+    """A fake with a sliding window: the scheduler keeps checkpoints (their content is a stand-in)."""
+
+    n_swa = 4
+    checkpoints_supported = True
+
+    def seq_pos_min(self, seq: int) -> int:
+        return 0 if self.kv.get(seq) else -1
+
+    def checkpoint_save(self, seq: int, partial: bool = True) -> bytes:
+        return bytes(len(self.kv.get(seq, [])))
+
+
+def test_prompt_chunks_keep_most_of_the_budget_while_others_generate() -> None:
+    """Chunks end on the n_batch grid where checkpoints are kept, but never shrink below half the
+    budget for it: with a generating slot taking one place in every batch of 8, aligning each chunk
+    to the grid would alternate chunks of 7 and 1, doubling the steps a prompt takes."""
+    sess = WindowSession(n_seq_max=2, n_batch=8, n_ctx_seq=128)
+    sched = Scheduler(sess)
+    sched.submit(req("gen", [1, 2, 3], max_tokens=40))
+    sched.step()
+    sched.submit(req("long", list(range(10, 70)), max_tokens=1))  # 60 prompt tokens
+    run(sched)
+    chunks = [sum(1 for s, *_ in step if s == 1) for step in sess.steps]
+    chunks = [c for c in chunks if c]
+    assert sum(chunks) == 60
+    assert all(c >= 4 for c in chunks[:-1]), chunks  # half the budget of 7 at least
+    assert len(chunks) <= 60 // 7 + 2
+    # one checkpoint per 8 positions at most, and one at the prompt's end
+    assert sched.stats.checkpoints_saved <= 60 // 8 + 1
