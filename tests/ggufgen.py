@@ -236,6 +236,22 @@ def _check_dtype(dtype: str) -> None:
 # llama
 # ---------------------------------------------------------------------------
 
+def _transformer_writer(path: Path, arch: str, dtype: str, n_ctx_train: int, n_embd: int, n_layer: int,
+                        n_ff: int, n_head: int, n_head_kv: int, rms_eps: float) -> _Writer:
+    """A writer with the hyperparameters every transformer here shares."""
+    w = _Writer(path, arch)
+    w.add_name(f"tiny-{arch}-test")
+    w.add_file_type(_FILE_TYPES[dtype])
+    w.add_context_length(n_ctx_train)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_layer_norm_rms_eps(rms_eps)
+    return w
+
+
 def write_tiny_llama(
     path: str | Path,
     *,
@@ -284,16 +300,7 @@ def write_tiny_llama(
         raise ValueError(f"arch must be llama, qwen3 or qwen3moe, got {arch!r}")
     if (arch == "qwen3moe") != bool(n_expert) and arch != "llama":
         raise ValueError("qwen3moe needs n_expert > 0 (and qwen3 none)")
-    w = _Writer(path, arch)
-    w.add_name(f"tiny-{arch}-test")
-    w.add_file_type(_FILE_TYPES[dtype])
-    w.add_context_length(n_ctx_train)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
-    w.add_layer_norm_rms_eps(1e-5)
+    w = _transformer_writer(path, arch, dtype, n_ctx_train, n_embd, n_layer, n_ff, n_head, n_head_kv, 1e-5)
     w.add_rope_dimension_count(head_dim)  # llama requires n_rot == head_dim
     w.add_rope_freq_base(10000.0)
     n_vocab = _add_tokenizer(w, Path(vocab_path), chat_template)
@@ -361,18 +368,9 @@ def write_tiny_gemma3(
         raise ValueError("n_embd must be divisible by n_head and n_head by n_head_kv")
     head_dim = n_embd // n_head
     path = Path(path)
-    w = _Writer(path, "gemma3")
-    w.add_name("tiny-gemma3-test")
-    w.add_file_type(_FILE_TYPES["f32"])
-    w.add_context_length(n_ctx_train)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
-    w.add_head_count_kv(n_head_kv)
+    w = _transformer_writer(path, "gemma3", "f32", n_ctx_train, n_embd, n_layer, n_ff, n_head, n_head_kv, 1e-6)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_freq_base(10000.0)
     w.add_sliding_window(n_swa)
     n_vocab = _add_tokenizer(w, Path(vocab_path), CHATML)
