@@ -35,6 +35,7 @@ class LoadedModel:
     llm: Any  # pylocalai.model.Llama
     in_use: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    retired: bool = False  # its config changed or went away: closed once the last user leaves
 
 
 class ModelRegistry:
@@ -47,12 +48,22 @@ class ModelRegistry:
         self._loaded: dict[str, LoadedModel] = {}
         self._loading: dict[str, trio.Event] = {}
         self._load_errors: dict[str, PylocalaiError] = {}
-        for name, cfg in list(catalog.configs.items()):
-            try:
-                engine_key(cfg.backend)
-            except InvalidRequestError as exc:
-                catalog.errors.append(f"{cfg.source}: field 'backend': {exc}")
-                del catalog.configs[name]
+        _check_backends(catalog)
+
+    async def reload(self, catalog: ModelCatalog) -> None:
+        """Serve a new catalog (the models folder changed). A loaded model whose config changed or
+        went away is unloaded, at once when idle, else when its last request ends."""
+        _check_backends(catalog)
+        self.catalog = catalog
+        self._load_errors.clear()
+        for name, entry in list(self._loaded.items()):
+            if catalog.get(name) == entry.config:
+                continue
+            del self._loaded[name]
+            entry.retired = True
+            if entry.in_use == 0:
+                log.info("unloading model %s: its config changed", name)
+                await trio.to_thread.run_sync(entry.llm.close)
 
     # ------------------------------------------------------------ names
 
@@ -108,6 +119,10 @@ class ModelRegistry:
         finally:
             entry.in_use -= 1
             entry.last_used = time.monotonic()
+            if entry.retired and entry.in_use == 0:
+                with trio.CancelScope(shield=True):
+                    log.info("unloading model %s: its config changed", entry.config.name)
+                    await trio.to_thread.run_sync(entry.llm.close)
 
     async def _get(self, cfg: ModelConfig) -> LoadedModel:
         while True:
@@ -191,3 +206,13 @@ class ModelRegistry:
     async def close(self) -> None:
         for name in list(self._loaded):
             await self.unload(name)
+
+
+def _check_backends(catalog: ModelCatalog) -> None:
+    """Configs naming an engine this install lacks become config errors."""
+    for name, cfg in list(catalog.configs.items()):
+        try:
+            engine_key(cfg.backend)
+        except InvalidRequestError as exc:
+            catalog.errors.append(f"{cfg.source}: field 'backend': {exc}")
+            del catalog.configs[name]
