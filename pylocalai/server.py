@@ -14,13 +14,16 @@ from quart_trio import QuartTrio
 
 from pylocalai.api import errors_openai
 from pylocalai.api.anthropic import bp as anthropic_bp
-from pylocalai.api.response_store import ResponseStore
-from pylocalai.api.responses import bp as responses_bp
+from pylocalai.api.gallery import bp as gallery_bp
 from pylocalai.api.openai import bp as openai_bp
 from pylocalai.api.openai_text import bp as openai_text_bp
+from pylocalai.api.response_store import ResponseStore
+from pylocalai.api.responses import bp as responses_bp
 from pylocalai.config.model_config import ModelCatalog, ModelConfig, load_catalog
 from pylocalai.engine.registry import EngineDefaults, ModelRegistry
 from pylocalai.errors import AuthenticationError, PylocalaiError
+from pylocalai.gallery.install import Gallery
+from pylocalai.gallery.service import GalleryService
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,8 @@ class ServerSettings:
     default_model: Path | None = field(default=None)  # served when the models folder holds no model
     data_path: Path = Path("data")  # stored responses (SQLite)
     responses_retention: int = 10000  # stored responses kept, newest first
+    galleries: tuple[Gallery, ...] = ()  # model galleries for /models/apply and /models/available
+    preload_models: tuple[dict[str, Any], ...] = ()  # /models/apply bodies run at start (PRELOAD_MODELS)
 
 
 def build_catalog(settings: ServerSettings) -> ModelCatalog:
@@ -125,12 +130,19 @@ def create_app(settings: ServerSettings) -> QuartTrio:
     @app.get("/readyz")
     async def _readyz() -> tuple[dict[str, Any], int]:
         return {"status": "ready", "models": reg.names(), "loaded": reg.loaded_status(),
-                "config_errors": catalog.errors}, 200
+                "config_errors": reg.catalog.errors}, 200
+
+    async def _reload_models() -> None:
+        await reg.reload(await trio.to_thread.run_sync(build_catalog, settings))
+
+    gallery = GalleryService(settings.models_path, list(settings.galleries), on_change=_reload_models)
+    app.config["PYLOCALAI_GALLERY"] = gallery
 
     app.register_blueprint(openai_bp)
     app.register_blueprint(openai_text_bp)
     app.register_blueprint(anthropic_bp)
     app.register_blueprint(responses_bp)
+    app.register_blueprint(gallery_bp)
     response_store = ResponseStore(settings.data_path / "responses.sqlite3", max_items=settings.responses_retention)
     recovered = response_store.recover()
     if recovered:
@@ -141,7 +153,13 @@ def create_app(settings: ServerSettings) -> QuartTrio:
     @app.while_serving
     async def _lifespan() -> Any:
         async with trio.open_nursery() as nursery:
-            app.config["PYLOCALAI_NURSERY"] = nursery  # background responses run here
+            app.config["PYLOCALAI_NURSERY"] = nursery  # background responses and gallery jobs run here
+            for body in settings.preload_models:
+                try:
+                    job = gallery.start_apply(nursery, body)
+                    log.info("preloading %s (job %s)", job.element, job.uuid)
+                except PylocalaiError as exc:
+                    log.error("preload entry %r skipped: %s", body, exc.message)
             if settings.idle_unload_s:
                 nursery.start_soon(_idle_unloader, reg, settings.idle_unload_s)
             yield
