@@ -4,13 +4,16 @@ completion to the terminal; `pylocalai models` lists what a models folder offers
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
-from pathlib import Path
+import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from pylocalai.errors import PylocalaiError
+from pylocalai.errors import InvalidRequestError, PylocalaiError
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -37,6 +40,55 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models(args: argparse.Namespace) -> int:
+    """`pylocalai models list | install ID | delete NAME` on a models folder, without a server."""
+    from pylocalai.config.model_config import load_catalog
+    from pylocalai.gallery import install as gi
+
+    folder = Path(args.models_path)
+    galleries = gi.parse_galleries(args.galleries)
+
+    def indexes() -> list[tuple[gi.Gallery, list[dict[str, Any]]]]:
+        out = []
+        for g in galleries:
+            try:
+                out.append((g, gi.load_index(g)))
+            except PylocalaiError as exc:
+                print(f"pylocalai: gallery {g.name}: {exc}", file=sys.stderr)
+        return out
+
+    if args.action == "list":
+        catalog = load_catalog(folder)
+        print(f"models in {folder}: " + (", ".join(catalog.names()) or "none"))
+        for err in catalog.errors:
+            print(f"  config error: {err}")
+        for g, entries in indexes():
+            print(f"gallery {g.name} ({len(entries)} models):")
+            for e in entries:
+                mark = "*" if gi.installed(folder, str(e["name"])) else " "
+                lines = str(e.get("description") or "").strip().splitlines()
+                print(f" {mark} {g.name}@{e['name']}  {lines[0][:80] if lines else ''}".rstrip())
+        return 0
+    if args.action == "delete":
+        removed = gi.delete_model(folder, args.name)
+        print(f"deleted {args.name}: {', '.join(removed)}")
+        return 0
+    found = gi.pick_entry(indexes(), args.name, args.variant)
+    plan = gi.plan_install(folder, name=args.as_name, entry=found.entry, gallery=found.gallery.name)
+    last = [0.0]
+
+    def progress(f: gi.GalleryFile, i: int, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - last[0] >= 1 or done == total:
+            last[0] = now
+            pct = f" {100 * done / total:.0f}%" if total else ""
+            print(f"  {f.filename}: {done / 1e6:.1f} MB{pct}", file=sys.stderr)
+
+    path = gi.run_install(folder, plan, progress=progress)
+    print(f"installed {plan.name}: {path}")
+    return 0
+
+
 def _env(*names: str, default: str | None = None) -> str | None:
     for n in names:
         if os.environ.get(n):
@@ -51,6 +103,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from pylocalai.engine.registry import EngineDefaults
     from pylocalai.errors import ModelNotFoundError
+    from pylocalai.gallery.install import parse_galleries
     from pylocalai.models import default_model_path
     from pylocalai.server import ServerSettings, create_app
 
@@ -58,6 +111,8 @@ def _serve(args: argparse.Namespace) -> int:
         default_model = default_model_path()
     except ModelNotFoundError:
         default_model = None
+    galleries = parse_galleries(args.galleries)
+    preload = _preload_bodies(args.preload_models)
     settings = ServerSettings(
         models_path=Path(args.models_path),
         api_keys=tuple(k.strip() for k in (args.api_keys or "").split(",") if k.strip()),
@@ -69,6 +124,8 @@ def _serve(args: argparse.Namespace) -> int:
         default_model=default_model,
         data_path=Path(args.data_path),
         responses_retention=args.responses_retention,
+        galleries=tuple(galleries),
+        preload_models=tuple(preload),
     )
     app = create_app(settings)
     host, _, port = args.address.rpartition(":")
@@ -106,9 +163,27 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--data-path", default=_env("LOCALAI_DATA_PATH", default="data"),
                      help="folder for stored responses (LOCALAI_DATA_PATH)")
     srv.add_argument("--responses-retention", type=int, default=10000, help="stored responses kept (newest first)")
+    srv.add_argument("--galleries", default=_env("LOCALAI_GALLERIES", "GALLERIES"),
+                     help='model galleries, a JSON list of {"name", "url", "mirrors"} (LOCALAI_GALLERIES); '
+                          "default: LocalAI's gallery")
+    srv.add_argument("--preload-models", default=_env("LOCALAI_PRELOAD_MODELS", "PRELOAD_MODELS"),
+                     help="JSON list of /models/apply bodies installed at start (PRELOAD_MODELS)")
     srv.add_argument("--log-level", default=_env("LOCALAI_LOG_LEVEL", default="info"),
                      choices=["debug", "info", "warning", "error"])
     srv.set_defaults(func=_serve)
+    mdl = sub.add_parser("models", help="list, install or delete models in a models folder (galleries)")
+    mdl.add_argument("--models-path", default=_env("LOCALAI_MODELS_PATH", "MODELS_PATH", default="models"))
+    mdl.add_argument("--galleries", default=_env("LOCALAI_GALLERIES", "GALLERIES"),
+                     help="JSON list of {name, url, mirrors} (LOCALAI_GALLERIES)")
+    msub = mdl.add_subparsers(dest="action", required=True)
+    msub.add_parser("list", help="the folder's models and the galleries' (* = installed)")
+    ins = msub.add_parser("install", help="install a gallery model: NAME or GALLERY@NAME")
+    ins.add_argument("name")
+    ins.add_argument("--as", dest="as_name", default=None, help="install under this name")
+    ins.add_argument("--variant", default=None, help="one of the entry's variants")
+    dele = msub.add_parser("delete", help="remove a model's config and the files only it uses")
+    dele.add_argument("name")
+    mdl.set_defaults(func=_models)
     run = sub.add_parser("run", help="stream a completion of a prompt to the terminal")
     run.add_argument("model", help="path to a .gguf file, or 'default' for the bundled SmolLM2-135M-Instruct")
     run.add_argument("prompt", nargs="?", help="prompt text (read from stdin when absent)")
@@ -124,6 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-v", "--verbose", action="store_true")
     run.set_defaults(func=_run)
     return p
+
+
+def _preload_bodies(text: str | None) -> list[dict[str, Any]]:
+    if not text or not text.strip():
+        return []
+    try:
+        bodies = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"--preload-models: not valid JSON: {exc}") from None
+    if not isinstance(bodies, list) or not all(isinstance(b, dict) for b in bodies):
+        raise InvalidRequestError("--preload-models: expected a JSON list of /models/apply bodies")
+    return bodies
 
 
 def _int_env(*names: str) -> int | None:
