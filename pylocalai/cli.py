@@ -44,6 +44,7 @@ def _models(args: argparse.Namespace) -> int:
     """`pylocalai models list | install ID | delete NAME` on a models folder, without a server."""
     from pylocalai.config.model_config import load_catalog
     from pylocalai.gallery import install as gi
+    from pylocalai.server import startup_apply_body
 
     folder = Path(args.models_path)
     galleries = gi.parse_galleries(args.galleries)
@@ -73,8 +74,12 @@ def _models(args: argparse.Namespace) -> int:
         removed = gi.delete_model(folder, args.name)
         print(f"deleted {args.name}: {', '.join(removed)}")
         return 0
-    found = gi.pick_entry(indexes(), args.name, args.variant)
-    plan = gi.plan_install(folder, name=args.as_name, entry=found.entry, gallery=found.gallery.name)
+    body = startup_apply_body(args.name)
+    if "url" in body:
+        plan = gi.plan_install(folder, name=args.as_name, url=body["url"])
+    else:
+        found = gi.pick_entry(indexes(), args.name, args.variant)
+        plan = gi.plan_install(folder, name=args.as_name, entry=found.entry, gallery=found.gallery.name)
     last = [0.0]
 
     def progress(f: gi.GalleryFile, i: int, done: int, total: int | None) -> None:
@@ -126,6 +131,7 @@ def _serve(args: argparse.Namespace) -> int:
         responses_retention=args.responses_retention,
         galleries=tuple(galleries),
         preload_models=tuple(preload),
+        startup_models=(*args.models, *(_env("LOCALAI_MODELS") or "").replace(",", " ").split()),
     )
     app = create_app(settings)
     host, _, port = args.address.rpartition(":")
@@ -145,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pylocalai", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     srv = sub.add_parser("serve", help="run the OpenAI/LocalAI-compatible HTTP server")
+    srv.add_argument("models", nargs="*", metavar="MODEL",
+                     help="gallery models (gallery@name) or model-file URLs (huggingface://owner/repo/file.gguf, "
+                          "https://...) to install at start when missing (LOCALAI_MODELS)")
     srv.add_argument("--address", default=_env("LOCALAI_ADDRESS", "ADDRESS", default="127.0.0.1:8080"),
                      help="host:port to listen on (LOCALAI_ADDRESS)")
     srv.add_argument("--models-path", default=_env("LOCALAI_MODELS_PATH", "MODELS_PATH", default="models"),
@@ -177,7 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="JSON list of {name, url, mirrors} (LOCALAI_GALLERIES)")
     msub = mdl.add_subparsers(dest="action", required=True)
     msub.add_parser("list", help="the folder's models and the galleries' (* = installed)")
-    ins = msub.add_parser("install", help="install a gallery model: NAME or GALLERY@NAME")
+    ins = msub.add_parser("install", help="install a gallery model (NAME or GALLERY@NAME), or a model file or "
+                                          "gallery config by URL (huggingface://owner/repo/file.gguf, https://...)")
     ins.add_argument("name")
     ins.add_argument("--as", dest="as_name", default=None, help="install under this name")
     ins.add_argument("--variant", default=None, help="one of the entry's variants")

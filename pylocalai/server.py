@@ -45,6 +45,7 @@ class ServerSettings:
     responses_retention: int = 10000  # stored responses kept, newest first
     galleries: tuple[Gallery, ...] = ()  # model galleries for /models/apply and /models/available
     preload_models: tuple[dict[str, Any], ...] = ()  # /models/apply bodies run at start (PRELOAD_MODELS)
+    startup_models: tuple[str, ...] = ()  # gallery names or model-file URLs installed at start if missing
 
 
 def build_catalog(settings: ServerSettings) -> ModelCatalog:
@@ -54,6 +55,11 @@ def build_catalog(settings: ServerSettings) -> ModelCatalog:
             name=DEFAULT_MODEL_NAME, model_path=settings.default_model, source="<default model>",
         )
     return catalog
+
+
+def startup_apply_body(model: str) -> dict[str, Any]:
+    """`pylocalai serve NAME|URL`: a gallery model, or a model file (or gallery config) by URL."""
+    return {"url": model} if "://" in model or model.startswith(("github:", "hf.co/")) else {"id": model}
 
 
 def create_app(settings: ServerSettings) -> QuartTrio:
@@ -154,9 +160,10 @@ def create_app(settings: ServerSettings) -> QuartTrio:
     async def _lifespan() -> Any:
         async with trio.open_nursery() as nursery:
             app.config["PYLOCALAI_NURSERY"] = nursery  # background responses and gallery jobs run here
-            for body in settings.preload_models:
+            for body, keep in [*((b, False) for b in settings.preload_models),
+                               *((startup_apply_body(m), True) for m in settings.startup_models)]:
                 try:
-                    job = gallery.start_apply(nursery, body)
+                    job = gallery.start_apply(nursery, body, keep_installed=keep)
                     log.info("preloading %s (job %s)", job.element, job.uuid)
                 except PylocalaiError as exc:
                     log.error("preload entry %r skipped: %s", body, exc.message)

@@ -222,13 +222,19 @@ class InstallPlan:
 def plan_install(models_dir: Path, *, name: str | None, entry: dict[str, Any] | None = None, url: str = "",
                  overrides: Mapping[str, Any] | None = None, files: Any = None, gallery: str = "",
                  env: Mapping[str, str] | None = None) -> InstallPlan:
-    """The config and files for an install of a gallery entry, or of a gallery config file at url."""
+    """The config and files for an install of a gallery entry, of a gallery config file at url, or
+    of a model file at url (a `.gguf`: see model_file_config)."""
     entry = entry or {}
     base_url = url or entry.get("url") or ""
     config: dict[str, Any] = {}
     base_files: list[GalleryFile] = []
     templates: dict[str, str] = {}
-    if base_url:
+    if url and is_model_file_url(url):
+        filename = model_file_name(url)
+        config = model_file_config(filename)
+        base_files = [GalleryFile(filename, url)]
+        name = name or filename
+    elif base_url:
         try:
             doc = load_yaml(fetch_text(base_url, env))
         except yaml.YAMLError as exc:
@@ -265,6 +271,29 @@ def plan_install(models_dir: Path, *, name: str | None, entry: dict[str, Any] | 
     except ConfigError as exc:
         raise InvalidRequestError(f"the installed config would not load: {exc.message}", param=exc.param) from None
     return InstallPlan(install_name, config, all_files, templates, gallery)
+
+
+def is_model_file_url(uri: str) -> bool:
+    return _url_path(uri).lower().endswith(".gguf")
+
+
+def _url_path(uri: str) -> str:
+    """The file part of a URI, without a query or a trailing @branch."""
+    path = uri.split("?", 1)[0].split("#", 1)[0]
+    last = path.rsplit("/", 1)[-1]
+    if "@" in last and not last.lower().endswith(".gguf"):
+        path = path[: path.rindex("@")]
+    return path
+
+
+def model_file_name(uri: str) -> str:
+    return safe_name(_url_path(uri).rsplit("/", 1)[-1], "url")
+
+
+def model_file_config(filename: str) -> dict[str, Any]:
+    """LocalAI's auto-import of a bare model file: llama.cpp with the GGUF's own chat template."""
+    return {"backend": "llama-cpp", "parameters": {"model": filename},
+            "template": {"use_tokenizer_template": True}, "options": ["use_jinja:true"]}
 
 
 def _config_map(value: Any, where: str) -> dict[str, Any]:

@@ -146,8 +146,9 @@ class GalleryService:
         job.cancelled = True
         return job
 
-    def start_apply(self, nursery: trio.Nursery, body: dict[str, Any]) -> Job:
-        """Validate a POST /models/apply body and start its job."""
+    def start_apply(self, nursery: trio.Nursery, body: dict[str, Any], *, keep_installed: bool = False) -> Job:
+        """Validate a POST /models/apply body and start its job. keep_installed: a model whose
+        config is already in the folder is left as it is (the models named at start)."""
         gid, url, name = body.get("id"), body.get("url"), body.get("name")
         for key, v in (("id", gid), ("url", url), ("name", name), ("variant", body.get("variant"))):
             if v is not None and not isinstance(v, str):
@@ -164,7 +165,7 @@ class GalleryService:
         if files is not None and not isinstance(files, list):
             raise InvalidRequestError("'files' must be a list of {filename, uri, sha256}", param="files")
         job = self._new_job(name or gid or url or "")
-        nursery.start_soon(self._apply, job, body)
+        nursery.start_soon(self._apply, job, body, keep_installed)
         return job
 
     def start_delete(self, nursery: trio.Nursery, name: str) -> Job:
@@ -173,7 +174,7 @@ class GalleryService:
         nursery.start_soon(self._delete, job, name)
         return job
 
-    async def _apply(self, job: Job, body: dict[str, Any]) -> None:
+    async def _apply(self, job: Job, body: dict[str, Any], keep_installed: bool = False) -> None:
         async with self._lock:
             try:
                 if job.cancelled:
@@ -189,6 +190,10 @@ class GalleryService:
                     self.models_dir, name=body.get("name"), entry=entry, url=body.get("url") or "",
                     overrides=body.get("overrides"), files=body.get("files"), gallery=gallery, env=self.env))
                 job.element = plan.name
+                if keep_installed and installed(self.models_dir, plan.name):
+                    job.progress, job.message = 100.0, "completed"
+                    log.info("%s is already installed", plan.name)
+                    return
 
                 def progress(f: GalleryFile, i: int, done: int, total: int | None) -> None:
                     job.file_name = f.filename

@@ -223,3 +223,27 @@ def test_preloaded_models_and_keys(files: FileServer, tmp_path: Path) -> None:
         assert sorted(j["message"].split(":")[0] for j in jobs.values()) == ["completed", "error"]
     finally:
         s.stop()
+
+
+def test_models_named_at_start_are_installed_when_missing(engine: Any, files: FileServer, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    mine = {"name": "bert", "description": "edited by hand", "parameters": {"model": "tiny.gguf"}}
+    (models / "bert.yaml").write_text(yaml.safe_dump(mine))
+    s = Server(models, f"{files.url}/tiny.gguf", "test@bert", env={"LOCALAI_GALLERIES": galleries(files)})
+    try:
+        deadline = time.monotonic() + 30
+        while not all(j["processed"] for j in httpx.get(s.url + "/models/jobs").json().values()) \
+                or len(httpx.get(s.url + "/models/jobs").json()) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert [j["message"] for j in httpx.get(s.url + "/models/jobs").json().values()] == ["completed"] * 2
+        assert yaml.safe_load((models / "bert.yaml").read_text()) == mine  # already there: left alone
+        cfg = yaml.safe_load((models / "tiny.gguf.yaml").read_text())  # a model file by URL: LocalAI's auto-import
+        assert cfg["parameters"]["model"] == "tiny.gguf" and cfg["template"] == {"use_tokenizer_template": True}
+        assert cfg["options"] == ["use_jinja:true"] and sha(models / "tiny.gguf") == sha(files.root / "tiny.gguf")
+        assert listed(s) == ["bert", "tiny.gguf"]
+        r = httpx.post(s.url + "/v1/completions", json={"model": "tiny.gguf", "prompt": "hi", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+    finally:
+        s.stop()

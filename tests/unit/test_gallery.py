@@ -341,3 +341,21 @@ def test_the_models_command_lists_installs_and_deletes(gallery: Gallery, tmp_pat
     assert "no gallery has a model named 'nope'" in capsys.readouterr().err
     assert main([*base, "delete", "mine"]) == 0
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == []
+
+
+def test_a_model_file_url_installs_with_the_gguf_template(files: FileServer, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from pylocalai.cli import main
+    from pylocalai.gallery.install import is_model_file_url
+
+    assert is_model_file_url("hf://o/r/x.gguf@main") and is_model_file_url("https://h/x.GGUF?download=1")
+    assert not is_model_file_url("github:o/r/gallery/index.yaml@master")
+    blob(files.root, "m.gguf", 5000)
+    plan = plan_install(tmp_path, name=None, url=files.url + "/m.gguf?download=true", env={})
+    assert plan.name == "m.gguf" and plan.files[0].filename == "m.gguf"
+    assert plan.config == {"name": "m.gguf", "backend": "llama-cpp", "parameters": {"model": "m.gguf"},
+                           "template": {"use_tokenizer_template": True}, "options": ["use_jinja:true"]}
+    assert main(["models", "--models-path", str(tmp_path / "m"), "--galleries", "[]", "install",
+                 files.url + "/m.gguf", "--as", "small"]) == 0
+    assert yaml.safe_load((tmp_path / "m" / "small.yaml").read_text())["parameters"]["model"] == "m.gguf"
+    assert (tmp_path / "m" / "m.gguf").stat().st_size == 5000 and "installed small" in capsys.readouterr().out
