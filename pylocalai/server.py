@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
-from quart import request
+from quart import g, request
 from quart_trio import QuartTrio
 
 from pylocalai.api import errors_openai
@@ -19,6 +20,8 @@ from pylocalai.api.openai import bp as openai_bp
 from pylocalai.api.openai_text import bp as openai_text_bp
 from pylocalai.api.response_store import ResponseStore
 from pylocalai.api.responses import bp as responses_bp
+from pylocalai.api.system import HttpMetrics
+from pylocalai.api.system import bp as system_bp
 from pylocalai.config.model_config import ModelCatalog, ModelConfig, load_catalog
 from pylocalai.engine.registry import EngineDefaults, ModelRegistry
 from pylocalai.errors import AuthenticationError, PylocalaiError
@@ -73,6 +76,19 @@ def create_app(settings: ServerSettings) -> QuartTrio:
     app.config["PYLOCALAI_REGISTRY"] = reg
     app.config["PYLOCALAI_READY"] = True
     keys = [k.encode() for k in settings.api_keys if k]
+    http_metrics = app.config["PYLOCALAI_HTTP_METRICS"] = HttpMetrics()
+
+    @app.before_request
+    async def _start_clock() -> None:
+        g.pylocalai_t0 = time.perf_counter()
+
+    @app.after_request
+    async def _count(resp: Any) -> Any:
+        t0 = getattr(g, "pylocalai_t0", None)
+        if t0 is not None:
+            rule = request.url_rule.rule if request.url_rule is not None else "<unmatched>"
+            http_metrics.observe(request.method, rule, resp.status_code, time.perf_counter() - t0)
+        return resp
 
     @app.before_request
     async def _auth() -> None:
@@ -149,6 +165,7 @@ def create_app(settings: ServerSettings) -> QuartTrio:
     app.register_blueprint(anthropic_bp)
     app.register_blueprint(responses_bp)
     app.register_blueprint(gallery_bp)
+    app.register_blueprint(system_bp)
     response_store = ResponseStore(settings.data_path / "responses.sqlite3", max_items=settings.responses_retention)
     recovered = response_store.recover()
     if recovered:

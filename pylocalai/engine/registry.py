@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import trio
@@ -104,6 +104,18 @@ class ModelRegistry:
                          "prefix_dropped": sched.stats.prefix_dropped,
                          "ram_saved": sched.stats.ram_saved, "ram_restored": sched.stats.ram_restored,
                          "ram_bytes": sched.stats.ram_bytes}
+        return out
+
+    def model_stats(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Per loaded model: its engine, and its scheduler's counters and slot gauges (for /metrics)."""
+        out = {}
+        for name, e in self._loaded.items():
+            sched = e.llm.scheduler
+            st = sched.stats
+            values: dict[str, Any] = {f.name: getattr(st, f.name) for f in fields(st)}
+            values["finish_reasons"] = dict(st.finish_reasons)  # one C-level copy: the engine thread adds to it
+            values.update(active_slots=sched.active_slots, queued=sched.queued, n_slots=sched.n_slots)
+            out[name] = (engine_key(e.config.backend), values)
         return out
 
     # ------------------------------------------------------------ loading

@@ -120,6 +120,11 @@ class SchedulerStats:
     ram_restored: int = 0  # ... and brought back for a prompt that shares more with them
     ram_bytes: int = 0  # what the saved states take now
     engine_time_s: float = 0.0  # inside the native step (decode + sampling), GIL released
+    requests: int = 0  # requests finished, whatever the reason
+    prompt_tokens: int = 0  # ... their prompt tokens
+    prompt_tokens_reused: int = 0  # ... of which came from a slot's cache (not computed)
+    tokens_generated: int = 0  # ... and the tokens they generated
+    finish_reasons: dict[str, int] = field(default_factory=dict)
 
 
 class Scheduler:
@@ -226,6 +231,9 @@ class Scheduler:
                                           param="messages")
             if req.media[-1].end >= n:
                 raise InvalidRequestError("the prompt must go on with text after its last media item", param="messages")
+
+    def reset_stats(self) -> None:
+        self.stats = SchedulerStats(ram_bytes=self.stats.ram_bytes)  # a gauge: the states stay
 
     def submit(self, req: EngineRequest) -> None:
         self.check(req)
@@ -715,6 +723,12 @@ class Scheduler:
                 error=error,
             )
         )
+        st = self.stats
+        st.requests += 1
+        st.prompt_tokens += len(req.prompt_tokens)
+        st.prompt_tokens_reused += slot.n_reused
+        st.tokens_generated += slot.n_generated
+        st.finish_reasons[reason.value] = st.finish_reasons.get(reason.value, 0) + 1
         self._session.drop_sampler(slot.seq)
         self._by_id.pop(req.request_id, None)
         slot.req = None

@@ -471,3 +471,50 @@ def test_api_keys_and_default_model(engine: Any, smollm2_path: Path, tmp_path: P
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
     finally:
         s.stop()
+
+
+# ---------------------------------------------------------------- /metrics, /version, /system
+
+
+def metrics(server: Server) -> dict[str, float]:
+    r = httpx.get(server.url + "/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    out: dict[str, float] = {}
+    for line in r.text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def test_metrics_count_requests_tokens_and_routes(server: Server) -> None:
+    post(server, "/v1/chat/completions", {"model": "smol", "messages": [{"role": "user", "content": "warm"}], "max_tokens": 1})
+    before = metrics(server)
+    r = post(server, "/v1/chat/completions", {"model": "smol", "messages": [{"role": "user", "content": "Count to ten."}],
+                                              "max_tokens": 3})
+    usage = r.json()["usage"]
+    assert httpx.get(server.url + "/no/such/route").status_code == 404
+    after = metrics(server)
+    model = '{model="smol",engine="llama_cpp"}'
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta(f"pylocalai_requests_total{model}") == 1
+    assert delta(f"pylocalai_prompt_tokens_total{model}") == usage["prompt_tokens"]
+    assert delta(f"pylocalai_tokens_generated_total{model}") == usage["completion_tokens"] == 3
+    assert 0 < delta(f"pylocalai_prompt_tokens_cached_total{model}") < usage["prompt_tokens"]  # the chat template's start
+    assert delta('pylocalai_requests_finished_total{model="smol",engine="llama_cpp",reason="length"}') == 1
+    assert delta('pylocalai_http_requests_total{method="POST",route="/v1/chat/completions",status="200"}') == 1
+    assert delta('pylocalai_http_requests_total{method="GET",route="<unmatched>",status="404"}') == 1
+    assert delta('pylocalai_http_request_duration_seconds_count{method="POST",route="/v1/chat/completions"}') == 1
+    assert after[f"pylocalai_slots{model}"] == 4 and after[f"pylocalai_requests_processing{model}"] == 0
+    assert after["pylocalai_models_loaded"] >= 1 and after["pylocalai_models_configured"] == 2
+
+
+def test_version_and_system(server: Server) -> None:
+    import pylocalai
+
+    assert httpx.get(server.url + "/version").json() == {"version": pylocalai.__version__}
+    system = httpx.get(server.url + "/system").json()
+    assert "llama_cpp" in system["backends"] and {"id": "smol"} in system["loaded_models"]
