@@ -76,10 +76,11 @@ def _models(args: argparse.Namespace) -> int:
         return 0
     body = startup_apply_body(args.name)
     if "url" in body:
-        plan = gi.plan_install(folder, name=args.as_name, url=body["url"])
+        plan = gi.plan_install(folder, name=args.as_name, url=body["url"], trusted=True)
     else:
         found = gi.pick_entry(indexes(), args.name, args.variant)
-        plan = gi.plan_install(folder, name=args.as_name, entry=found.entry, gallery=found.gallery.name)
+        plan = gi.plan_install(folder, name=args.as_name, entry=found.entry, gallery=found.gallery.name,
+                               entry_local=gi.is_local_gallery(found.gallery))
     last = [0.0]
 
     def progress(f: gi.GalleryFile, i: int, done: int, total: int | None) -> None:

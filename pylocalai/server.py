@@ -26,7 +26,7 @@ from pylocalai.config.model_config import ModelCatalog, ModelConfig, load_catalo
 from pylocalai.engine.registry import EngineDefaults, ModelRegistry
 from pylocalai.errors import AuthenticationError, PylocalaiError
 from pylocalai.gallery.install import Gallery
-from pylocalai.gallery.service import GalleryService
+from pylocalai.gallery.service import GalleryService, Job
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +149,13 @@ def create_app(settings: ServerSettings) -> QuartTrio:
     async def _healthz() -> tuple[str, int]:
         return "", 200
 
+    startup_jobs: list[Job] = []  # the PRELOAD_MODELS and MODEL arguments' install jobs
+
     @app.get("/readyz")
     async def _readyz() -> tuple[dict[str, Any], int]:
+        installing = [j.element for j in startup_jobs if not j.processed]
+        if installing:  # LocalAI installs these before it serves; we serve, and say we are not ready
+            return {"status": "starting", "reason": f"installing models: {', '.join(installing)}"}, 503
         return {"status": "ready", "models": reg.names(), "loaded": reg.loaded_status(),
                 "config_errors": reg.catalog.errors}, 200
 
@@ -180,13 +185,15 @@ def create_app(settings: ServerSettings) -> QuartTrio:
             for body, keep in [*((b, False) for b in settings.preload_models),
                                *((startup_apply_body(m), True) for m in settings.startup_models)]:
                 try:
-                    job = gallery.start_apply(nursery, body, keep_installed=keep)
+                    job = gallery.start_apply(nursery, body, keep_installed=keep, trusted=True)
+                    startup_jobs.append(job)
                     log.info("preloading %s (job %s)", job.element, job.uuid)
                 except PylocalaiError as exc:
                     log.error("preload entry %r skipped: %s", body, exc.message)
             if settings.idle_unload_s:
                 nursery.start_soon(_idle_unloader, reg, settings.idle_unload_s)
             yield
+            gallery.stop()
             nursery.cancel_scope.cancel()
         await reg.close()
         response_store.close()

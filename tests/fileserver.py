@@ -25,6 +25,9 @@ class FileServer:
     cut_after: dict[str, int] = field(default_factory=dict)  # path -> bytes sent before the connection drops (once)
     slow: dict[str, float] = field(default_factory=dict)     # path -> seconds between 64 KiB writes
     ignore_ranges: bool = False
+    wrong_ranges: bool = False  # answer a range request with 206 but the whole file (a broken server)
+    redirects: dict[str, str] = field(default_factory=dict)  # path -> URL it redirects to (302)
+    hold: dict[str, float] = field(default_factory=dict)  # path -> seconds to wait before answering
 
     def __post_init__(self) -> None:
         server = self
@@ -39,6 +42,13 @@ class FileServer:
                 path = self.path.split("?", 1)[0]
                 rng = self.headers.get("Range")
                 server.hits.append(Hit(path, rng, self.headers.get("Authorization")))
+                time.sleep(server.hold.get(path, 0.0))
+                if path in server.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 file = server.root / path.lstrip("/")
                 if not file.is_file():
                     self.send_response(404)
@@ -47,7 +57,10 @@ class FileServer:
                     return
                 data = file.read_bytes()
                 start = 0
-                if rng and not server.ignore_ranges and rng.startswith("bytes=") and rng.endswith("-"):
+                if rng and server.wrong_ranges:
+                    self.send_response(206)
+                    self.send_header("Content-Range", f"bytes 0-{len(data) - 1}/{len(data)}")
+                elif rng and not server.ignore_ranges and rng.startswith("bytes=") and rng.endswith("-"):
                     start = int(rng[6:-1])
                     if start >= len(data):
                         self.send_response(416)

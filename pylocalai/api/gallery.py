@@ -12,6 +12,7 @@ from pylocalai.api.serving import read_json
 from pylocalai.errors import InvalidRequestError
 from pylocalai.gallery.install import parse_gallery
 from pylocalai.gallery.service import GalleryService
+from pylocalai.gallery.sources import resolve_url
 
 bp = Blueprint("gallery", __name__)
 
@@ -70,7 +71,10 @@ async def galleries() -> list[dict[str, Any]]:
 @bp.post("/models/galleries")
 async def add_gallery() -> list[dict[str, Any]]:
     svc = service()
-    svc.add_gallery(parse_gallery(await read_json()))
+    gallery = parse_gallery(await read_json())
+    for url in (gallery.url, *gallery.mirrors):  # local galleries are the admin's to configure
+        resolve_url(url, {}, allow_file=False)
+    svc.add_gallery(gallery)
     return [g.to_json() for g in svc.galleries]
 
 

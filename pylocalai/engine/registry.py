@@ -4,6 +4,7 @@ load), at most N loaded (least recently used unloaded first, never one in use), 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -35,7 +36,8 @@ class LoadedModel:
     llm: Any  # pylocalai.model.Llama
     in_use: int = 0
     last_used: float = field(default_factory=time.monotonic)
-    retired: bool = False  # its config changed or went away: closed once the last user leaves
+    files: tuple[tuple[int, int, int] | None, ...] = ()  # _file_ids when it was loaded
+    retired: bool = False  # its config or file changed, or it went away: closed once the last user leaves
 
 
 class ModelRegistry:
@@ -52,17 +54,22 @@ class ModelRegistry:
 
     async def reload(self, catalog: ModelCatalog) -> None:
         """Serve a new catalog (the models folder changed). A loaded model whose config changed or
-        went away is unloaded, at once when idle, else when its last request ends."""
+        went away, or whose model file was replaced, is unloaded: at once when idle, else when its
+        last request ends. (A model still loading is checked when its load ends: see _get.)"""
         _check_backends(catalog)
         self.catalog = catalog
         self._load_errors.clear()
-        for name, entry in list(self._loaded.items()):
-            if catalog.get(name) == entry.config:
+        idle: list[LoadedModel] = []
+        for name, entry in list(self._loaded.items()):  # all bookkeeping first: no await in this loop
+            if catalog.get(name) == entry.config and _file_ids(entry.config) == entry.files:
                 continue
             del self._loaded[name]
             entry.retired = True
             if entry.in_use == 0:
-                log.info("unloading model %s: its config changed", name)
+                idle.append(entry)
+        for entry in idle:
+            log.info("unloading model %s: its config or file changed", entry.config.name)
+            with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(entry.llm.close)
 
     # ------------------------------------------------------------ names
@@ -149,8 +156,13 @@ class ModelRegistry:
             self._load_errors.pop(cfg.name, None)
             try:
                 await self._make_room()
+                files = await trio.to_thread.run_sync(_file_ids, cfg)
                 llm = await trio.to_thread.run_sync(self._load_sync, cfg)
-                entry = self._loaded[cfg.name] = LoadedModel(cfg, llm)
+                entry = LoadedModel(cfg, llm, files=files)
+                if self.catalog.get(cfg.name) != cfg or await trio.to_thread.run_sync(_file_ids, cfg) != files:
+                    entry.retired = True  # reloaded meanwhile: serve the request that asked, then close
+                    return entry
+                self._loaded[cfg.name] = entry
                 return entry
             except PylocalaiError as exc:
                 self._load_errors[cfg.name] = exc
@@ -228,3 +240,15 @@ def _check_backends(catalog: ModelCatalog) -> None:
         except InvalidRequestError as exc:
             catalog.errors.append(f"{cfg.source}: field 'backend': {exc}")
             del catalog.configs[name]
+
+
+def _file_ids(cfg: ModelConfig) -> tuple[tuple[int, int, int] | None, ...]:
+    """(inode, mtime, size) of the model's files: a reinstall that replaced one shows here."""
+    out: list[tuple[int, int, int] | None] = []
+    for path in (cfg.model_path, cfg.mmproj):
+        try:
+            st = os.stat(path) if path is not None else None
+        except OSError:
+            st = None
+        out.append((st.st_ino, st.st_mtime_ns, st.st_size) if st is not None else None)
+    return tuple(out)

@@ -31,7 +31,13 @@ from pylocalai.config.model_config import (
     safe_model_file,
 )
 from pylocalai.errors import InvalidRequestError, NotFoundError
-from pylocalai.gallery.sources import DownloadError, Progress, download, fetch_text
+from pylocalai.gallery.sources import (
+    DownloadError,
+    Progress,
+    download,
+    fetch_text,
+    resolve_url,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +102,8 @@ def load_index(gallery: Gallery, env: Mapping[str, str] | None = None) -> list[d
             if problem:
                 log.warning("gallery %s: entry %d skipped: %s", gallery.name, i, problem)
                 continue
-            entries.append(doc)
+            # as JSON data: YAML's dates, sets or binary become text, so the entry can be listed
+            entries.append(json.loads(json.dumps(doc, default=str)))
         return entries
     raise DownloadError(f"gallery {gallery.name!r}: " + "; ".join(errors))
 
@@ -192,7 +199,12 @@ class GalleryFile:
     sha256: str = ""
 
 
-def parse_files(items: Any, where: str) -> list[GalleryFile]:
+_RESERVED_SUFFIXES = (".yaml", ".yml", ".tmpl", ".partial")
+
+
+def parse_files(items: Any, where: str, *, local_ok: bool = False) -> list[GalleryFile]:
+    """A gallery's `files` list. A file may not be a config, template or partial download (it would
+    replace another model's), nor a dot-file (the delete records), nor a local file unless local_ok."""
     if items is None:
         return []
     if not isinstance(items, list):
@@ -204,7 +216,13 @@ def parse_files(items: Any, where: str) -> list[GalleryFile]:
         sha = f.get("sha256") or ""
         if not isinstance(sha, str):
             raise InvalidRequestError(f"{where}: files[{i}].sha256 must be a string", param="files")
-        out.append(GalleryFile(f["filename"], f["uri"], sha))
+        fname = f["filename"]
+        safe_model_file(Path("models"), fname, f"{where}: files[{i}]")
+        if fname.lower().endswith(_RESERVED_SUFFIXES) or any(p.startswith(".") for p in Path(fname).parts):
+            raise InvalidRequestError(f"{where}: files[{i}] {fname!r}: a gallery file cannot be a .yaml, .yml, "
+                                      ".tmpl or .partial file, nor a dot-file", param="files")
+        _check_source(f["uri"], local_ok)
+        out.append(GalleryFile(fname, f["uri"], sha))
     return out
 
 
@@ -221,13 +239,21 @@ class InstallPlan:
 
 def plan_install(models_dir: Path, *, name: str | None, entry: dict[str, Any] | None = None, url: str = "",
                  overrides: Mapping[str, Any] | None = None, files: Any = None, gallery: str = "",
-                 env: Mapping[str, str] | None = None) -> InstallPlan:
+                 env: Mapping[str, str] | None = None, trusted: bool = False, entry_local: bool = False) -> InstallPlan:
     """The config and files for an install of a gallery entry, of a gallery config file at url, or
-    of a model file at url (a `.gguf`: see model_file_config)."""
+    of a model file at url (a `.gguf`: see model_file_config).
+
+    Local files (file:// URLs) are read only on the word of someone who could read them anyway:
+    the request's own url and files when `trusted` (the command line, the server's settings; not an
+    API caller), the entry's when its gallery is a local folder (`entry_local`), and a gallery
+    config file's own files when it is itself local."""
     entry = entry or {}
     base_url = url or entry.get("url") or ""
+    _check_source(url, trusted)
+    _check_source(entry.get("url") or "", entry_local)
     config: dict[str, Any] = {}
     base_files: list[GalleryFile] = []
+    base_local = base_url.lower().startswith("file:")
     templates: dict[str, str] = {}
     if url and is_model_file_url(url):
         filename = model_file_name(url)
@@ -244,7 +270,7 @@ def plan_install(models_dir: Path, *, name: str | None, entry: dict[str, Any] | 
         if not isinstance(doc, dict):
             raise DownloadError(f"{base_url}: a gallery config file is a YAML mapping")
         config = _config_map(doc.get("config_file"), base_url)
-        base_files = parse_files(doc.get("files"), base_url)
+        base_files = parse_files(doc.get("files"), base_url, local_ok=base_local)
         for i, t in enumerate(doc.get("prompt_templates") or []):
             if not isinstance(t, dict) or not isinstance(t.get("content"), str):
                 raise DownloadError(f"{base_url}: prompt_templates[{i}] needs a name and a content")
@@ -263,14 +289,23 @@ def plan_install(models_dir: Path, *, name: str | None, entry: dict[str, Any] | 
         config = deep_merge(config, overrides)
     config.pop("name", None)  # overrides do not rename what is being installed
     config = {"name": install_name, **config}
-    all_files = [*base_files, *parse_files(entry.get("files"), f"entry {install_name!r}"), *parse_files(files, "request")]
-    for f in all_files:
-        safe_model_file(models_dir, f.filename, f"file {f.filename!r}")
+    all_files = [*base_files, *parse_files(entry.get("files"), f"entry {install_name!r}", local_ok=entry_local),
+                 *parse_files(files, "request", local_ok=trusted)]
     try:  # the config must load before anything is written
         parse_config(config, models_dir, f"{install_name}.yaml")
     except ConfigError as exc:
         raise InvalidRequestError(f"the installed config would not load: {exc.message}", param=exc.param) from None
     return InstallPlan(install_name, config, all_files, templates, gallery)
+
+
+def _check_source(uri: str, local_ok: bool) -> None:
+    if uri:
+        resolve_url(uri, {}, allow_file=local_ok)
+
+
+def is_local_gallery(gallery: Gallery) -> bool:
+    """A gallery read from local files only: what its entries name may be local files too."""
+    return all(u.lower().startswith("file:") for u in (gallery.url, *gallery.mirrors))
 
 
 def is_model_file_url(uri: str) -> bool:
@@ -372,19 +407,20 @@ def delete_model(models_dir: Path, name: str) -> list[str]:
     if isinstance(record, dict):
         candidates.update(str(f) for f in record.get("files") or [])
         templates = [str(t) for t in record.get("templates") or []]
-    in_use = _files_used_by_others(models_dir, config_path)
+    in_use, templates_in_use = _used_by_others(models_dir, config_path, record_path)
     removed = []
     for fname in sorted(candidates):
         try:
             path = safe_model_file(models_dir, fname, f"file {fname!r}")
         except ConfigError:
             continue
-        if fname in in_use or not path.is_file():
+        if os.path.normpath(fname) in in_use or not path.is_file():
             continue
         path.unlink()
         removed.append(fname)
     for tname in templates:
-        (models_dir / f"{tname}.tmpl").unlink(missing_ok=True)
+        if tname not in templates_in_use and "/" not in tname and not tname.startswith("."):
+            (models_dir / f"{tname}.tmpl").unlink(missing_ok=True)
     for p in (config_path, record_path):
         if p is not None and p.is_file():
             p.unlink()
@@ -399,15 +435,27 @@ def _read_yaml(path: Path) -> Any:
         return None
 
 
-def _files_used_by_others(models_dir: Path, skip: Path | None) -> set[str]:
-    used: set[str] = set()
+def _used_by_others(models_dir: Path, skip: Path | None, skip_record: Path) -> tuple[set[str], set[str]]:
+    """The files (normalized paths) and templates (`<name>.tmpl` names) that the other configs in
+    the folder name, or that the other gallery records installed."""
+    files: set[str] = set()
+    templates: set[str] = set()
     for path in models_dir.iterdir():
-        if path == skip or path.name.startswith(".") or path.suffix.lower() not in (".yaml", ".yml"):
+        if path.suffix.lower() not in (".yaml", ".yml") or path in (skip, skip_record):
+            continue
+        if path.name.startswith("._gallery_"):
+            record = _read_yaml(path)
+            if isinstance(record, dict):
+                templates.update(str(t) for t in record.get("templates") or [])
+            continue
+        if path.name.startswith("."):
             continue
         docs = _read_yaml(path)
         for doc in docs if isinstance(docs, list) else [docs]:
             if not isinstance(doc, dict):
                 continue
             params = doc.get("parameters") if isinstance(doc.get("parameters"), dict) else {}
-            used.update(str(v) for v in (params.get("model"), doc.get("mmproj")) if isinstance(v, str))
-    return used
+            files.update(os.path.normpath(str(v)) for v in (params.get("model"), doc.get("mmproj")) if isinstance(v, str))
+            tmpl = doc.get("template") if isinstance(doc.get("template"), dict) else {}
+            templates.update(v.strip() for v in tmpl.values() if isinstance(v, str) and "{{" not in v and "\n" not in v)
+    return files, templates

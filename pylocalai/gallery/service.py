@@ -21,13 +21,15 @@ from pylocalai.gallery.install import (
     delete_model,
     entry_summary,
     installed,
+    is_local_gallery,
     load_index,
+    parse_files,
     pick_entry,
     plan_install,
     run_install,
     safe_name,
 )
-from pylocalai.gallery.sources import DownloadCancelled
+from pylocalai.gallery.sources import DownloadCancelled, resolve_url
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,7 @@ class GalleryService:
         self.jobs: dict[str, Job] = {}
         self._indexes: dict[str, tuple[float, list[dict[str, Any]]]] = {}
         self._lock = trio.Lock()  # one install or delete at a time, as LocalAI's job queue
+        self._stopping = False
 
     # ------------------------------------------------------------ galleries and indexes
 
@@ -118,8 +121,9 @@ class GalleryService:
         return out
 
     async def available(self) -> list[dict[str, Any]]:
-        return [entry_summary(g, e, installed(self.models_dir, str(e["name"])))
-                for g, entries in await self.indexes() for e in entries]
+        indexes = await self.indexes()
+        return await trio.to_thread.run_sync(lambda: [  # a stat per entry: off the event loop
+            entry_summary(g, e, installed(self.models_dir, str(e["name"]))) for g, entries in indexes for e in entries])
 
     # ------------------------------------------------------------ jobs
 
@@ -146,9 +150,11 @@ class GalleryService:
         job.cancelled = True
         return job
 
-    def start_apply(self, nursery: trio.Nursery, body: dict[str, Any], *, keep_installed: bool = False) -> Job:
+    def start_apply(self, nursery: trio.Nursery, body: dict[str, Any], *, keep_installed: bool = False,
+                    trusted: bool = False) -> Job:
         """Validate a POST /models/apply body and start its job. keep_installed: a model whose
-        config is already in the folder is left as it is (the models named at start)."""
+        config is already in the folder is left as it is (the models named at start). trusted: the
+        body comes from the server's settings, not an API caller, so it may name local files."""
         gid, url, name = body.get("id"), body.get("url"), body.get("name")
         for key, v in (("id", gid), ("url", url), ("name", name), ("variant", body.get("variant"))):
             if v is not None and not isinstance(v, str):
@@ -161,11 +167,11 @@ class GalleryService:
         overrides = body.get("overrides")
         if overrides is not None and not isinstance(overrides, dict):
             raise InvalidRequestError("'overrides' must be an object", param="overrides")
-        files = body.get("files")
-        if files is not None and not isinstance(files, list):
-            raise InvalidRequestError("'files' must be a list of {filename, uri, sha256}", param="files")
+        if url:
+            resolve_url(url, {}, allow_file=trusted)
+        parse_files(body.get("files"), "request", local_ok=trusted)
         job = self._new_job(name or gid or url or "")
-        nursery.start_soon(self._apply, job, body, keep_installed)
+        nursery.start_soon(self._apply, job, body, keep_installed, trusted)
         return job
 
     def start_delete(self, nursery: trio.Nursery, name: str) -> Job:
@@ -174,21 +180,22 @@ class GalleryService:
         nursery.start_soon(self._delete, job, name)
         return job
 
-    async def _apply(self, job: Job, body: dict[str, Any], keep_installed: bool = False) -> None:
+    async def _apply(self, job: Job, body: dict[str, Any], keep_installed: bool, trusted: bool) -> None:
         async with self._lock:
             try:
                 if job.cancelled:
                     raise DownloadCancelled("cancelled before it started")
                 job.message = f"processing model: {job.element}"
                 entry: dict[str, Any] | None = None
-                gallery = ""
+                gallery, entry_local = "", False
                 if body.get("id"):
                     indexes = await self.indexes(strict=len(self.galleries) == 1)
                     found = pick_entry(indexes, body["id"], body.get("variant"))
-                    entry, gallery = found.entry, found.gallery.name
+                    entry, gallery, entry_local = found.entry, found.gallery.name, is_local_gallery(found.gallery)
                 plan = await trio.to_thread.run_sync(lambda: plan_install(
                     self.models_dir, name=body.get("name"), entry=entry, url=body.get("url") or "",
-                    overrides=body.get("overrides"), files=body.get("files"), gallery=gallery, env=self.env))
+                    overrides=body.get("overrides"), files=body.get("files"), gallery=gallery, env=self.env,
+                    trusted=trusted, entry_local=entry_local))
                 job.element = plan.name
                 if keep_installed and installed(self.models_dir, plan.name):
                     job.progress, job.message = 100.0, "completed"
@@ -204,7 +211,8 @@ class GalleryService:
                     job.message = f"processing file: {f.filename}. Total: {job.file_size or '?'}. Current: {job.downloaded_size}"
 
                 await trio.to_thread.run_sync(lambda: run_install(
-                    self.models_dir, plan, env=self.env, progress=progress, cancelled=lambda: job.cancelled))
+                    self.models_dir, plan, env=self.env, progress=progress,
+                    cancelled=lambda: job.cancelled or self._stopping))
                 job.progress, job.message = 100.0, "completed"
                 if self.on_change is not None:
                     await self.on_change()
@@ -218,6 +226,11 @@ class GalleryService:
                 log.exception("gallery install of %s failed", job.element)
             finally:
                 job.processed = True
+
+    def stop(self) -> None:
+        """The server is shutting down: running downloads end at their next read (their partial
+        files stay for the next start), so shutdown does not wait for a whole download."""
+        self._stopping = True
 
     async def _delete(self, job: Job, name: str) -> None:
         async with self._lock:

@@ -16,9 +16,11 @@ import hashlib
 import logging
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from pylocalai.errors import InvalidRequestError, PylocalaiError
 
@@ -58,10 +60,14 @@ def hf_endpoint(env: Mapping[str, str]) -> str:
     return (env.get("HF_ENDPOINT") or env.get("HF_MIRROR") or HF_DEFAULT_ENDPOINT).rstrip("/")
 
 
-def resolve_url(uri: str, env: Mapping[str, str] | None = None) -> str:
-    """The http(s) or file URL a gallery URI names."""
+def resolve_url(uri: str, env: Mapping[str, str] | None = None, *, allow_file: bool = True) -> str:
+    """The http(s) or file URL a gallery URI names. allow_file=False refuses file:// (a local file
+    named by a remote gallery or an API caller: see install.plan_install)."""
     env = os.environ if env is None else env
     uri = uri.strip()
+    if not allow_file and uri.lower().startswith("file:"):
+        raise InvalidRequestError(f"{uri!r}: a file:// URL is only allowed from a gallery the server's admin "
+                                  "configured as a local folder, or from the command line", param="url")
     for prefix in ("github://", "github:"):
         if uri.startswith(prefix):
             rest, branch = _split_branch(uri[len(prefix):], "main")
@@ -81,7 +87,21 @@ def resolve_url(uri: str, env: Mapping[str, str] | None = None) -> str:
                               "huggingface://, hf://)", param="url")
 
 
-def _open(url: str, env: Mapping[str, str], timeout: float, start: int = 0) -> tuple[object, int]:
+class _RedirectKeepingTokensHome(urllib.request.HTTPRedirectHandler):
+    """A redirect to another host (a CDN, or wherever a mirror points) does not carry HF_TOKEN."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urllib.parse.urlsplit(newurl).netloc != urllib.parse.urlsplit(req.full_url).netloc:
+            new.remove_header("Authorization")
+        return new
+
+
+_OPENER = urllib.request.build_opener(_RedirectKeepingTokensHome)
+
+
+def _open(url: str, env: Mapping[str, str], timeout: float, start: int = 0) -> tuple[Any, int]:
     """(response, status): status 206 when a range from `start` was served."""
     headers = {"User-Agent": USER_AGENT}
     token = env.get("HF_TOKEN")
@@ -90,19 +110,19 @@ def _open(url: str, env: Mapping[str, str], timeout: float, start: int = 0) -> t
     if start:
         headers["Range"] = f"bytes={start}-"
     req = urllib.request.Request(url, headers=headers)
-    resp = urllib.request.urlopen(req, timeout=timeout)  # only the schemes resolve_url allows
+    resp = _OPENER.open(req, timeout=timeout)  # only the schemes resolve_url allows
     return resp, getattr(resp, "status", 200) or 200
 
 
 def fetch_text(uri: str, env: Mapping[str, str] | None = None, *, timeout: float = 60,
-               max_bytes: int = 64 << 20) -> str:
+               max_bytes: int = 64 << 20, allow_file: bool = True) -> str:
     """A small text file (an index, a config) in full."""
     env = os.environ if env is None else env
-    url = resolve_url(uri, env)
+    url = resolve_url(uri, env, allow_file=allow_file)
     try:
         resp, _ = _open(url, env, timeout)
-        with resp:  # type: ignore[attr-defined]
-            data = resp.read(max_bytes + 1)  # type: ignore[attr-defined]
+        with resp:
+            data = resp.read(max_bytes + 1)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         raise DownloadError(f"cannot fetch {uri}: {_reason(exc)}") from None
     if len(data) > max_bytes:
@@ -168,18 +188,24 @@ def download(uri: str, dest: Path, sha256: str = "", *, env: Mapping[str, str] |
             raise DownloadError(f"cannot download {uri}: {_reason(exc)}") from None
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise DownloadError(f"cannot download {uri}: {_reason(exc)}") from None
-        with resp:  # type: ignore[attr-defined]
+        with resp:
+            if have and status == 206 and not str(resp.headers.get("Content-Range", "")).startswith(f"bytes {have}-"):
+                if attempt == 0:  # not the range asked for: start the file again
+                    partial.unlink()
+                    continue
+                raise DownloadError(f"cannot download {uri}: the server answered a range other than the one asked for")
             if have and status != 206:  # the server sent the whole file: start over
                 have, h = 0, hashlib.sha256()
-            length = resp.headers.get("Content-Length")  # type: ignore[attr-defined]
+            length = resp.headers.get("Content-Length")
             total = have + int(length) if length and length.isdigit() else None
             done = have
+            read = getattr(resp, "read1", resp.read)
             try:
                 with partial.open("ab" if have else "wb") as out:
                     while True:
                         if cancelled():
                             raise DownloadCancelled(f"download of {dest.name} cancelled")
-                        chunk = resp.read(CHUNK)  # type: ignore[attr-defined]
+                        chunk = read(CHUNK)  # what has arrived, up to CHUNK: a cancel is seen soon
                         if not chunk:
                             break
                         out.write(chunk)

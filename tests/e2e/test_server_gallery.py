@@ -127,7 +127,11 @@ def test_install_from_a_config_url_with_overrides(server: Server, files: FileSer
     ({"id": 5}, "id"),
     ({"id": "test@bert", "overrides": ["a"]}, "overrides"),
     ({"id": "test@bert", "name": "../up"}, "name"),
-    ({"url": "x", "files": {"a": 1}}, "files"),
+    ({"url": "x"}, "url"),
+    ({"url": "http://h/c.yaml", "files": {"a": 1}}, "files"),
+    ({"url": "http://h/c.yaml", "files": [{"filename": "m.gguf"}]}, "files"),
+    ({"url": "file:///etc/hostname"}, "url"),  # an API caller may not read the server's files
+    ({"url": "http://h/c.yaml", "files": [{"filename": "m.gguf", "uri": "file:///etc/hostname"}]}, "url"),
 ])
 def test_bad_apply_bodies_are_400(server: Server, body: dict[str, Any], param: str) -> None:
     r = httpx.post(server.url + "/models/apply", json=body)
@@ -189,6 +193,8 @@ def test_galleries_can_be_added_and_removed(server: Server, files: FileServer) -
     assert r.status_code == 200 and [g["name"] for g in r.json()] == ["test", "second"]
     assert len(httpx.get(server.url + "/models/available").json()) == 8
     assert httpx.post(server.url + "/models/galleries", json={"name": "second", "url": "x"}).status_code == 400
+    r = httpx.post(server.url + "/models/galleries", json={"name": "local", "url": "file:///srv/index.yaml"})
+    assert r.status_code == 400 and "file://" in r.json()["error"]["message"]
     r = httpx.request("DELETE", server.url + "/models/galleries", json={"name": "second"})
     assert r.status_code == 200 and [g["name"] for g in r.json()] == ["test"]
     assert httpx.request("DELETE", server.url + "/models/galleries", json={"name": "second"}).status_code == 404
@@ -209,10 +215,14 @@ def test_an_installed_model_serves_and_a_reinstall_reloads_it(engine: Any, serve
 
 def test_preloaded_models_and_keys(files: FileServer, tmp_path: Path) -> None:
     models = tmp_path / "models"
-    preload = json.dumps([{"id": "test@bert", "name": "preloaded"}, {"id": "nowhere"}])
+    preload = json.dumps([{"id": "test@bert2", "name": "preloaded"}, {"id": "nowhere"}])
+    files.hold["/readme.txt"] = 3.0
     s = Server(models, "--api-keys", "k1", env={"LOCALAI_GALLERIES": galleries(files), "PRELOAD_MODELS": preload})
     try:
         auth = {"Authorization": "Bearer k1"}
+        r = httpx.get(s.url + "/readyz")  # not ready while the models it was asked for are installing
+        assert r.status_code == 503 and r.json()["status"] == "starting", r.text
+        assert r.json()["reason"] in ("installing models: preloaded, nowhere", "installing models: preloaded")
         assert httpx.post(s.url + "/models/apply", json={"id": "bert"}).status_code == 401
         assert httpx.get(s.url + "/models/available").status_code == 401
         deadline = time.monotonic() + 30
@@ -221,7 +231,9 @@ def test_preloaded_models_and_keys(files: FileServer, tmp_path: Path) -> None:
             time.sleep(0.1)
         jobs = httpx.get(s.url + "/models/jobs", headers=auth).json()
         assert sorted(j["message"].split(":")[0] for j in jobs.values()) == ["completed", "error"]
+        assert httpx.get(s.url + "/readyz").json()["status"] == "ready"
     finally:
+        files.hold.clear()
         s.stop()
 
 

@@ -143,9 +143,11 @@ def test_cancelling_keeps_the_partial_for_the_next_try(files: FileServer, tmp_pa
     calls = iter(range(100))
     with pytest.raises(DownloadCancelled):
         download(files.url + "/w.bin", dest, sha, env={}, cancelled=lambda: next(calls) >= 1)
-    assert dest.with_name("w.bin.partial").stat().st_size == MB
+    have = dest.with_name("w.bin.partial").stat().st_size
+    assert 0 < have < 3 * MB  # stopped after the first read
     assert download(files.url + "/w.bin", dest, sha, env={}) is True
-    assert files.gets("/w.bin")[-1].range == f"bytes={MB}-"
+    assert files.gets("/w.bin")[-1].range == f"bytes={have}-"
+    assert hashlib.sha256(dest.read_bytes()).hexdigest() == sha
 
 
 def test_missing_files_and_empty_sha256(files: FileServer, tmp_path: Path) -> None:
@@ -359,3 +361,111 @@ def test_a_model_file_url_installs_with_the_gguf_template(files: FileServer, tmp
                  files.url + "/m.gguf", "--as", "small"]) == 0
     assert yaml.safe_load((tmp_path / "m" / "small.yaml").read_text())["parameters"]["model"] == "m.gguf"
     assert (tmp_path / "m" / "m.gguf").stat().st_size == 5000 and "installed small" in capsys.readouterr().out
+
+
+def test_a_206_for_another_range_restarts_the_file(files: FileServer, tmp_path: Path) -> None:
+    sha = blob(files.root, "w.bin", MB)
+    dest = tmp_path / "w.bin"
+    dest.with_name("w.bin.partial").write_bytes(b"y" * 1000)
+    files.wrong_ranges = True
+    assert download(files.url + "/w.bin", dest, sha, env={}) is True
+    assert hashlib.sha256(dest.read_bytes()).hexdigest() == sha
+    assert [h.range for h in files.gets("/w.bin")] == ["bytes=1000-", None]
+
+
+def test_hf_token_does_not_follow_a_redirect_to_another_host(files: FileServer, tmp_path: Path) -> None:
+    cdn = FileServer(tmp_path / "cdn")
+    (tmp_path / "cdn").mkdir()
+    try:
+        blob(cdn.root, "f.gguf", 100)
+        files.redirects["/o/r/resolve/main/f.gguf"] = cdn.url + "/f.gguf"
+        download("hf://o/r/f.gguf", tmp_path / "f.gguf", "", env={"HF_ENDPOINT": files.url, "HF_TOKEN": "secret"})
+        assert files.hits[-1].authorization == "Bearer secret"
+        assert cdn.hits[-1].authorization is None and (tmp_path / "f.gguf").stat().st_size == 100
+    finally:
+        cdn.close()
+
+
+def test_local_files_only_on_a_local_word(gallery: Gallery, files: FileServer, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.env"
+    secret.write_text("TOKEN=hunter2")
+    local = {"filename": "stolen.gguf", "uri": secret.as_uri()}
+    entry = {"name": "x", "overrides": {"parameters": {"model": "stolen.gguf"}}}
+    models = tmp_path / "models"
+    # an API caller, and what a remote gallery names: refused before anything is read
+    for kwargs in ({"url": secret.as_uri()}, {"entry": entry, "files": [local]}, {"entry": {**entry, "files": [local]}},
+                   {"entry": {**entry, "url": secret.as_uri()}}):
+        with pytest.raises(InvalidRequestError, match="file:// URL is only allowed"):
+            plan_install(models, name=None, env={}, **kwargs)  # type: ignore[arg-type]
+    (files.root / "remote.yaml").write_text(yaml.safe_dump({"config_file": "parameters: {model: stolen.gguf}",
+                                                            "files": [local]}))
+    with pytest.raises(InvalidRequestError, match="file:// URL is only allowed"):
+        plan_install(models, name="x", url=files.url + "/remote.yaml", env={}, trusted=True)
+    # the command line or the server's settings, and a gallery that is a local folder: allowed
+    plan = plan_install(models, name=None, entry=entry, files=[local], env={}, trusted=True)
+    run_install(models, plan, env={})
+    assert (models / "stolen.gguf").read_text() == "TOKEN=hunter2"
+    assert plan_install(models, name=None, entry={**entry, "files": [local]}, env={}, entry_local=True).files
+    from pylocalai.gallery.install import is_local_gallery
+
+    assert is_local_gallery(Gallery("l", "file:///g/index.yaml")) and not is_local_gallery(gallery)
+    assert not is_local_gallery(Gallery("l", "file:///g/index.yaml", (gallery.url,)))
+
+
+@pytest.mark.parametrize("name", ["other.yaml", "x.YML", "chatml.tmpl", "._gallery_x.yaml", "sub/.hidden", "m.gguf.partial"])
+def test_gallery_files_cannot_replace_configs_templates_or_records(tmp_path: Path, name: str) -> None:
+    entry = {"name": "x", "overrides": {"parameters": {"model": "m.gguf"}}, "files": [{"filename": name, "uri": "http://h/f"}]}
+    with pytest.raises(InvalidRequestError, match="cannot be a .yaml"):
+        plan_install(tmp_path, name=None, entry=entry, env={})
+
+
+def test_delete_keeps_templates_another_model_uses(gallery: Gallery, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    for entry in load_index(gallery, env={}):
+        run_install(models, plan_install(models, name=None, entry=entry, env={}), env={})
+    (models / "mine.yaml").write_text(yaml.safe_dump({"name": "mine", "parameters": {"model": "./w.bin"},
+                                                      "template": {"chat": "tiny-chat-tmpl"}}))
+    delete_model(models, "Tiny-Chat-Hot")
+    delete_model(models, "tiny-chat")  # mine still names both the template and (as ./w.bin) the weights
+    assert (models / "tiny-chat-tmpl.tmpl").is_file() and (models / "w.bin").is_file()
+    from pylocalai.config.model_config import load_catalog
+
+    assert load_catalog(models).configs["mine"].template.chat == "{{.Input}}"
+    delete_model(models, "mine")
+    assert sorted(p.name for p in models.iterdir()) == ["tiny-chat-tmpl.tmpl"]  # not a gallery install of mine's
+
+
+def test_odd_yaml_in_an_index_is_listed_as_text(files: FileServer) -> None:
+    (files.root / "odd.yaml").write_text("- name: odd\n  url: http://h/x.yaml\n  released: 2024-05-01\n"
+                                         "  blob: !!binary aGVsbG8=\n  tags: !!set {a, b}\n")
+    entry = load_index(Gallery("odd", files.url + "/odd.yaml"), env={})[0]
+    assert entry["released"] == "2024-05-01" and isinstance(entry["blob"], str) and isinstance(entry["tags"], str)
+
+
+def test_stopping_the_service_ends_a_download_at_once(files: FileServer, tmp_path: Path) -> None:
+    import time
+
+    import trio
+
+    from pylocalai.gallery.service import GalleryService
+
+    sha = blob(files.root, "big.bin", 8 * MB)
+    files.slow["/big.bin"] = 0.05  # about 1.3 MiB/s: 6 s for the file
+    (files.root / "big.yaml").write_text(yaml.safe_dump({"config_file": "parameters: {model: big.bin}",
+                                                         "files": [{"filename": "big.bin", "uri": files.url + "/big.bin",
+                                                                    "sha256": sha}]}))
+    svc = GalleryService(tmp_path / "models", [], env={})
+
+    async def main() -> float:
+        async with trio.open_nursery() as nursery:
+            job = svc.start_apply(nursery, {"url": files.url + "/big.yaml", "name": "big"})
+            while job.downloaded_size in ("", "0 B"):
+                await trio.sleep(0.02)
+            t0 = time.monotonic()
+            svc.stop()
+            nursery.cancel_scope.cancel()
+        return time.monotonic() - t0
+
+    assert trio.run(main) < 1.0
+    partial = tmp_path / "models" / "big.bin.partial"
+    assert 0 < partial.stat().st_size < 8 * MB and not (tmp_path / "models" / "big.yaml").exists()
