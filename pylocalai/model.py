@@ -278,11 +278,11 @@ class Llama:
 
     def _warm_up(self) -> None:
         """One short generation so the first request does not pay for graph setup and page-in;
-        its cache and its counts are then dropped."""
+        its cache and its request counts are then dropped."""
         first = self.info["bos"] if self.info["bos"] >= 0 else 0
         self.complete([first], max_tokens=1, temperature=0.0, ignore_eos=True)
         self._worker.call(self._scheduler.drop_idle_caches)
-        self._worker.call(self._scheduler.reset_stats)
+        self._worker.call(self._scheduler.forget_requests)
 
     # ------------------------------------------------------------ lifecycle
 

@@ -232,8 +232,12 @@ class Scheduler:
             if req.media[-1].end >= n:
                 raise InvalidRequestError("the prompt must go on with text after its last media item", param="messages")
 
-    def reset_stats(self) -> None:
-        self.stats = SchedulerStats(ram_bytes=self.stats.ram_bytes)  # a gauge: the states stay
+    def forget_requests(self) -> None:
+        """Zero the per-request counters (the load's warm-up is not a request); the engine's own
+        (steps, tokens decoded, seconds) stay, as that work was done."""
+        st = self.stats
+        st.requests = st.prompt_tokens = st.prompt_tokens_reused = st.tokens_generated = 0
+        st.finish_reasons = {}
 
     def submit(self, req: EngineRequest) -> None:
         self.check(req)

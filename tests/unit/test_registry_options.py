@@ -111,6 +111,7 @@ def test_warmup_runs_a_decode_at_load(engine: Any, tiny_llama: Path, tmp_path: P
     reg = make_registry(tmp_path, tiny_llama, {"warm": {}, "cold": {"options": ["warmup:false"]}}, max_loaded=2)
     warm, cold = load(reg, "warm"), load(reg, "cold")
     assert warm.scheduler.stats.steps >= 1 and cold.scheduler.stats.steps == 0
+    assert warm.scheduler.stats.requests == 0 and warm.scheduler.stats.tokens_generated == 0  # not a request
     assert warm.scheduler.slot_tokens(0) == ()  # the warm-up leaves no cache behind
     trio.run(reg.close)
 
