@@ -355,12 +355,15 @@ class Scheduler:
                 out.append((req.request_id, [Finished(FinishReason.ERROR, Usage(len(req.prompt_tokens), 0), error=err)]))
 
     def _pick_slot(self, idle: list[_Slot], prompt: Sequence[int]) -> _Slot:
-        reuse: dict[int, int] = {}  # seq -> cached prefix length, where it is similar enough to reuse
+        reuse: dict[int, int] = {}  # seq -> prefix its memory can serve, where it is similar enough to reuse
         if self._cache_prompt:
             for slot in idle:
                 lcp = _common_prefix(slot.cached, prompt)
                 if lcp > 0 and lcp / len(prompt) >= self._similarity:
-                    reuse[slot.seq] = lcp
+                    # a window or recurrent memory may serve less than it shares (only a checkpoint,
+                    # or nothing): rank by what it serves, so a slot that serves nothing is not
+                    # taken from the prompt its cache still serves in full
+                    reuse[slot.seq] = self._reachable(slot.cached, slot.checkpoints, lcp, None, slot.seq)
         # With per-sequence KV streams llama.cpp puts only sequences with consecutive ids into one
         # ubatch: active ids {0, 2, 3} make every step two decodes ({0}, {2, 3}), each rebuilding its
         # graph. So: a long cached prefix first (it saves more than a few split steps cost, and the

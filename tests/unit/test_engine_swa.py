@@ -125,3 +125,16 @@ def test_each_engine_answers_as_fresh_after_reuse(backend: str, tiny_gemma3: Pat
         cold = m.complete(prompt, max_tokens=4, logprobs=5, **GREEDY)
     assert out.usage.cached_tokens == (300 if backend == "ik-llama-cpp" else 288)
     same_answer(out, cold)
+
+
+def test_a_slot_is_picked_by_the_prefix_it_can_serve(engine: Any, tiny_gemma3: Path) -> None:
+    """A slot whose window no longer holds the prefix a prompt shares with it serves none of it
+    (checkpoints off): the prompt takes an empty slot, and the long prompt stays cached whole."""
+    with Llama(tiny_gemma3, **{**PARAMS, "n_parallel": 2, "n_ctx": 2048}, n_ctx_checkpoints=0) as m:
+        m.complete(LONG, max_tokens=8, **GREEDY)
+        short = m.complete([*LONG[:280], *TAIL], max_tokens=4, **GREEDY)
+        assert short.usage.cached_tokens == 0 and m.scheduler.stats.prefix_dropped == 0
+        prompt = [*LONG, *TAIL]
+        out = m.complete(prompt, max_tokens=4, logprobs=5, **GREEDY)
+        assert out.usage.cached_tokens == len(LONG)  # the first slot still holds all of it
+        same_answer(out, fresh(tiny_gemma3, prompt))
