@@ -162,6 +162,9 @@ class GalleryService:
         if not gid and not url:
             raise InvalidRequestError("give the gallery model's 'id' (gallery@name or name), or a config 'url'",
                                       param="id")
+        if gid and not url and ("://" in gid or gid.startswith(("github:", "hf.co/"))):
+            body = {**body, "id": None, "url": gid}  # an id that is a URL: a config or model file to fetch
+            gid, url = None, body["url"]
         if name:
             safe_name(name)
         overrides = body.get("overrides")

@@ -120,6 +120,11 @@ def test_install_from_a_config_url_with_overrides(server: Server, files: FileSer
     job = wait_job(server, apply(server, {"url": f"{files.url}/base.yaml", "name": "bert-url2", "overrides": {}})["uuid"])
     assert yaml.safe_load((models_dir(server) / "bert-url2.yaml").read_text())["backend"] == "llama-cpp"
     assert {"bert-url", "bert-url2"} <= set(listed(server))
+    # an id that is a URL is fetched as one: here a model file, configured with its own chat template
+    job = wait_job(server, apply(server, {"id": f"{files.url}/tiny.gguf", "name": "by-id"})["uuid"])
+    assert job["message"] == "completed", job
+    cfg = yaml.safe_load((models_dir(server) / "by-id.yaml").read_text())
+    assert cfg["parameters"]["model"] == "tiny.gguf" and cfg["template"] == {"use_tokenizer_template": True}
 
 
 @pytest.mark.parametrize(("body", "param"), [
