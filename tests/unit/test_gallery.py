@@ -469,3 +469,19 @@ def test_stopping_the_service_ends_a_download_at_once(files: FileServer, tmp_pat
     assert trio.run(main) < 1.0
     partial = tmp_path / "models" / "big.bin.partial"
     assert 0 < partial.stat().st_size < 8 * MB and not (tmp_path / "models" / "big.yaml").exists()
+
+
+def test_an_entry_variant_picks_the_build_it_names() -> None:
+    from pylocalai.gallery.install import pick_entry
+
+    g = Gallery("g", "x")
+    indexes = [(g, [{"name": "chat", "url": "a", "variants": [{"model": "chat-big"}, {"model": "chat-gone"}]},
+                    {"name": "chat-big", "url": "b"}])]
+    assert pick_entry(indexes, "chat").entry["url"] == "a"
+    assert pick_entry(indexes, "g@chat", "chat-big").entry["url"] == "b"
+    with pytest.raises(InvalidRequestError, match="no variant 'huge' .*chat-big, chat-gone"):
+        pick_entry(indexes, "chat", "huge")
+    with pytest.raises(NotFoundError, match="variant 'chat-gone' is not in gallery 'g'"):
+        pick_entry(indexes, "chat", "chat-gone")
+    with pytest.raises(NotFoundError, match="no gallery has a model named 'nope'"):
+        pick_entry(indexes, "nope")
