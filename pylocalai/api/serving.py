@@ -63,11 +63,13 @@ def bearer_token() -> str | None:
     return auth[7:].strip() if auth.lower().startswith("bearer ") else None
 
 
-def resolve_model(body: dict[str, Any]) -> ModelConfig:
+def resolve_model(body: dict[str, Any], usecase: str | None = None) -> ModelConfig:
+    """The model a request names; usecase (chat, completion, edit, embeddings) picks LocalAI's
+    default when it names none and several are configured."""
     name = body.get("model")
     if name is not None and not isinstance(name, str):
         raise InvalidRequestError("'model' must be a string", param="model")
-    return registry().resolve(name or None, bearer_token())
+    return registry().resolve(name or None, bearer_token(), usecase)
 
 
 def sampling_for(cfg: ModelConfig, request_fields: dict[str, Any], stop: Sequence[str] = ()) -> dict[str, Any]:
@@ -202,19 +204,28 @@ def merge_choices(streams: list[AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
 
 
 async def _merged(streams: list[AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
-    async def produce(stream: AsyncIterator[bytes], out: trio.MemorySendChannel[bytes]) -> None:
+    # A choice's error travels through the channel and is raised here, not in its task: a task
+    # that failed would cancel the nursery while this generator is suspended at a `yield`, and the
+    # cancellation would land in whoever iterates it (the server's send), ending the stream
+    # without its error frame.
+    async def produce(stream: AsyncIterator[bytes], out: trio.MemorySendChannel[bytes | PylocalaiError]) -> None:
         async with out, aclosing(stream) as frames:  # type: ignore[type-var]
-            async for frame in frames:
-                await out.send(frame)
+            try:
+                async for frame in frames:
+                    await out.send(frame)
+            except PylocalaiError as exc:
+                await out.send(exc)
 
-    send, recv = trio.open_memory_channel[bytes](64)
+    send, recv = trio.open_memory_channel[bytes | PylocalaiError](64)
     async with choice_nursery() as nursery:
         async with send:
             for stream in streams:
                 nursery.start_soon(produce, stream, send.clone())
         async with recv:
-            async for frame in recv:
-                yield frame
+            async for item in recv:
+                if isinstance(item, PylocalaiError):
+                    raise item
+                yield item
 
 
 @asynccontextmanager
