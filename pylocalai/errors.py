@@ -10,6 +10,7 @@ class ErrorKind(enum.Enum):
     INVALID_REQUEST = "invalid_request"
     CONTEXT_LENGTH = "context_length"
     AUTHENTICATION = "authentication"
+    PERMISSION = "permission"  # allowed to ask, not this (a disabled model)
     MODEL_NOT_FOUND = "model_not_found"
     NOT_FOUND = "not_found"  # a resource other than a model (a stored response)
     OVERLOADED = "overloaded"
@@ -35,6 +36,10 @@ class ContextLengthError(InvalidRequestError):
 
 class AuthenticationError(PylocalaiError):
     kind = ErrorKind.AUTHENTICATION
+
+
+class PermissionDeniedError(PylocalaiError):
+    kind = ErrorKind.PERMISSION
 
 
 class ModelNotFoundError(PylocalaiError):

@@ -48,6 +48,7 @@ _ERROR = {
     ErrorKind.INVALID_REQUEST: (400, "invalid_request_error"),
     ErrorKind.CONTEXT_LENGTH: (400, "invalid_request_error"),
     ErrorKind.AUTHENTICATION: (401, "authentication_error"),
+    ErrorKind.PERMISSION: (403, "permission_error"),
     ErrorKind.MODEL_NOT_FOUND: (404, "not_found_error"),
     ErrorKind.NOT_FOUND: (404, "not_found_error"),
     ErrorKind.OVERLOADED: (529, "overloaded_error"),
@@ -198,7 +199,7 @@ def parse_tools(body: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, Any]
 class MessagesCall:
     def __init__(self, body: dict[str, Any], *, count_only: bool = False) -> None:
         self.body = body
-        self.cfg = resolve_model(body)
+        self.cfg = resolve_model(body, "chat")
         if not count_only:
             max_tokens = body.get("max_tokens")
             if max_tokens is None:

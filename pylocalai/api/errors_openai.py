@@ -18,6 +18,7 @@ STATUS = {
     ErrorKind.INVALID_REQUEST: 400,
     ErrorKind.CONTEXT_LENGTH: 400,
     ErrorKind.AUTHENTICATION: 401,
+    ErrorKind.PERMISSION: 403,
     ErrorKind.MODEL_NOT_FOUND: 404,
     ErrorKind.NOT_FOUND: 404,
     ErrorKind.OVERLOADED: 503,
@@ -27,6 +28,7 @@ _TYPE_CODE = {
     ErrorKind.INVALID_REQUEST: ("invalid_request_error", None),
     ErrorKind.CONTEXT_LENGTH: ("invalid_request_error", "context_length_exceeded"),
     ErrorKind.AUTHENTICATION: ("invalid_request_error", "invalid_api_key"),
+    ErrorKind.PERMISSION: ("invalid_request_error", "permission_denied"),
     ErrorKind.MODEL_NOT_FOUND: ("invalid_request_error", "model_not_found"),
     ErrorKind.NOT_FOUND: ("invalid_request_error", "not_found"),
     ErrorKind.OVERLOADED: ("server_error", "overloaded"),
@@ -50,6 +52,8 @@ def responses_type(status: int, exc: BaseException | None = None) -> str:
     too_many_requests 429, model_error (the engine failed) or server_error 500."""
     if status == 404:
         return "not_found"
+    if status == 403:
+        return "forbidden"
     if status == 429:
         return "too_many_requests"
     if status >= 500:

@@ -210,7 +210,7 @@ class ChatCall:
 
     def __init__(self, body: dict[str, Any]) -> None:
         self.body = body
-        self.cfg = resolve_model(body)
+        self.cfg = resolve_model(body, "chat")
         self.messages = parse_messages(body.get("messages"))
         self.tools, self.tool_choice = parse_tools(body)
         # legacy `functions`: calls come back as message.function_call, finish_reason "function_call"

@@ -78,7 +78,7 @@ async def completions(model: str | None = None) -> Response | tuple[Any, int]:
     body = await read_json()
     if model and not body.get("model"):
         body["model"] = model
-    cfg = resolve_model(body)
+    cfg = resolve_model(body, "completion")
     prompts = _prompts(body)
     stream = bool(get_bool(body, "stream", False))
     n = get_int(body, "n", 1, lo=0, hi=16) or 1  # n 0 is one choice, as in LocalAI
@@ -176,7 +176,7 @@ async def _stream(entry: LoadedModel, reqs: list[tuple[int, str, EngineRequest]]
 @bp.post("/edits")
 async def edits() -> tuple[Any, int]:
     body = await read_json()
-    cfg = resolve_model(body)
+    cfg = resolve_model(body, "edit")
     instruction = get_str(body, "instruction", required=True)
     inputs = _prompts(body, "input") if body.get("input") is not None else [""]
     sampling = sampling_for(cfg, request_sampling(body), get_stop(body))
@@ -265,7 +265,7 @@ def _encoded(vector: Any, encoding: str) -> Any:
 @bp.post("/embeddings")
 async def embeddings() -> tuple[Any, int]:
     body = await read_json()
-    cfg = resolve_model(body)
+    cfg = resolve_model(body, "embeddings")
     inputs = _embedding_inputs(body)
     encoding = get_str(body, "encoding_format", "float")
     if encoding not in ("float", "base64"):

@@ -178,7 +178,7 @@ def to_messages(items: list[dict[str, Any]], instructions: str | None) -> list[d
 class ResponsesCall:
     def __init__(self, body: dict[str, Any]) -> None:
         self.body = body
-        self.cfg = resolve_model(body)
+        self.cfg = resolve_model(body, "chat")
         self.store_it = bool(get_bool(body, "store", True))
         self.background = bool(get_bool(body, "background", False))
         if self.background and not self.store_it:

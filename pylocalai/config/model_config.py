@@ -130,6 +130,28 @@ class ModelConfig:
     parameters: dict[str, Any] = field(default_factory=dict)  # request defaults (temperature, ...)
     description: str = ""
     mmproj: Path | None = None  # multimodal projector (images, audio), inside the models folder
+    alias: str = ""  # another model's name: requests for this one are served by that one
+    disabled: bool = False  # configured, but requests for it are refused (403)
+    known_usecases: tuple[str, ...] = ()  # chat, completion, edit, embeddings; guessed when empty
+    embeddings: bool = False
+
+    @property
+    def loose_file(self) -> bool:
+        """A .gguf in the folder with no config of its own."""
+        return self.source == self.name and self.name.lower().endswith(".gguf")
+
+    def has_usecase(self, usecase: str) -> bool:
+        """LocalAI's usecases: the declared ones, else guessed from the templates (a config with no
+        chat template renders chats with the GGUF's own, so it is a chat model)."""
+        if self.known_usecases:
+            return usecase in self.known_usecases
+        if usecase == "chat":
+            return not self.embeddings
+        if usecase == "completion":
+            return bool(self.template.completion)
+        if usecase == "edit":
+            return bool(self.template.edit)
+        return usecase == "embeddings" and self.embeddings
 
     @property
     def uses_jinja(self) -> bool:
@@ -269,6 +291,21 @@ def parse_config(doc: Any, models_dir: Path, source: str, env: dict[str, str] | 
     if not isinstance(name, str) or not name.strip():
         raise ConfigError(f"{source}: field 'name' is required and must be a non-empty string", param="name")
     where = f"{source} ({name})"
+    disabled = _flag(doc, "disabled", False, where)
+    alias = _scalar_text(doc.get("alias"))
+    if alias is not None:
+        if not isinstance(alias, str) or not alias.strip():
+            raise ConfigError(f"{where}: field 'alias' must be the name of another model", param="alias")
+        return ModelConfig(name=name.strip(), model_path=Path(), source=source, alias=alias.strip(), disabled=disabled)
+    usecases = doc.get("known_usecases") or []
+    if isinstance(usecases, str):
+        usecases = [usecases]
+    if not isinstance(usecases, list) or not all(isinstance(u, str) for u in usecases):
+        raise ConfigError(f"{where}: field 'known_usecases' must be a list of names", param="known_usecases")
+    unknown = {u.lower().removeprefix("flag_") for u in usecases} - _USECASES
+    if unknown:
+        raise ConfigError(f"{where}: known_usecases {sorted(unknown)} are not text-generation usecases "
+                          f"(this server knows {sorted(_USECASES)})", param="known_usecases")
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{where}: field 'parameters' must be a mapping", param="parameters")
@@ -334,7 +371,13 @@ def parse_config(doc: Any, models_dir: Path, source: str, env: dict[str, str] | 
         options=options,
         parameters={k: v for k, v in params.items() if k in _PARAM_KEYS},
         description=str(doc.get("description") or ""),
+        disabled=disabled,
+        known_usecases=tuple(sorted({u.lower().removeprefix("flag_") for u in usecases})),
+        embeddings=_flag(doc, "embeddings", False, where),
     )
+
+
+_USECASES = {"chat", "completion", "edit", "embeddings"}
 
 
 def _opt_int(doc: dict[str, Any], key: str, where: str) -> int | None:
@@ -399,11 +442,20 @@ def load_catalog(models_dir: str | os.PathLike[str], env: dict[str, str] | None 
                 catalog.errors.append(f"{source}: model name {cfg.name!r} is already defined in {catalog.configs[cfg.name].source}")
                 continue
             catalog.configs[cfg.name] = cfg
-            referenced.add(cfg.model_path)
+            if not cfg.alias:
+                referenced.add(cfg.model_path)
     for path in sorted(root.glob("*.gguf")):
         full = Path(os.path.abspath(path))
         if full not in referenced and path.name not in catalog.configs:
             catalog.configs[path.name] = ModelConfig(name=path.name, model_path=full, source=path.name)
+    for name, cfg in list(catalog.configs.items()):
+        if not cfg.alias:
+            continue
+        target = catalog.configs.get(cfg.alias)
+        if target is None or target.alias:
+            why = "is not a configured model" if target is None else "is an alias itself"
+            catalog.errors.append(f"{cfg.source} ({cfg.name}): field 'alias': {cfg.alias!r} {why}")
+            del catalog.configs[name]
     for err in catalog.errors:
         log.error("model config skipped: %s", err)
     return catalog

@@ -15,7 +15,12 @@ import trio
 
 from pylocalai.config.model_config import ModelCatalog, ModelConfig
 from pylocalai.engine.backend import engine_key
-from pylocalai.errors import InvalidRequestError, ModelNotFoundError, PylocalaiError
+from pylocalai.errors import (
+    InvalidRequestError,
+    ModelNotFoundError,
+    PermissionDeniedError,
+    PylocalaiError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,22 +82,43 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return self.catalog.names()
 
-    def resolve(self, requested: str | None, bearer: str | None = None) -> ModelConfig:
-        """Body `model`, else a bearer token naming a model, else the only model there is."""
+    def resolve(self, requested: str | None, bearer: str | None = None, usecase: str | None = None) -> ModelConfig:
+        """Body `model`, else a bearer token naming a model, else the only model there is, else (as
+        LocalAI) the first configured model, by name, with the endpoint's usecase (chat, completion,
+        edit, embeddings). An alias is served by its target; a disabled model is refused (403)."""
         if requested:
             cfg = self.catalog.get(requested)
             if cfg is None:
                 raise ModelNotFoundError(f"model {requested!r} not found. To see available models, call GET /v1/models",
                                          param="model")
-            return cfg
+            return self._usable(cfg)
         if bearer and (cfg := self.catalog.get(bearer)) is not None:
-            return cfg
+            return self._usable(cfg)
         names = self.catalog.names()
         if len(names) == 1:
-            return self.catalog.configs[names[0]]
+            return self._usable(self.catalog.configs[names[0]])
         if not names:
             raise ModelNotFoundError("no model is configured", param="model")
-        raise InvalidRequestError("'model' is required when several models are configured", param="model")
+        if usecase is not None:
+            for name in names:
+                cfg = self.catalog.configs[name]
+                if not (cfg.alias or cfg.disabled or cfg.loose_file) and cfg.has_usecase(usecase):
+                    return cfg
+        raise InvalidRequestError("'model' is required when several models are configured"
+                                  + (f" and none is configured for {usecase}" if usecase else ""), param="model")
+
+    def _usable(self, cfg: ModelConfig) -> ModelConfig:
+        if cfg.alias:
+            target = self.catalog.get(cfg.alias)
+            if target is None:  # the catalog checks aliases; this is a config changed since
+                raise ModelNotFoundError(f"model {cfg.name!r} is an alias of {cfg.alias!r}, which is not configured",
+                                         param="model")
+            if cfg.disabled:
+                raise PermissionDeniedError(f"model {cfg.name!r} is disabled", param="model")
+            cfg = target
+        if cfg.disabled:
+            raise PermissionDeniedError(f"model {cfg.name!r} is disabled", param="model")
+        return cfg
 
     def loaded(self) -> list[str]:
         return list(self._loaded)

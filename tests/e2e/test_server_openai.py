@@ -87,6 +87,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> 
         "name": "smol-go", "parameters": {"model": "smollm2.gguf", "temperature": 0.0},
         "template": CHATML_GO, "stopwords": ["<|im_end|>"], "options": ["parallel:2", "cont_batching:false"],
     }))
+    (d / "aliases.yaml").write_text("- {name: gpt-4, alias: smol}\n- {name: off-model, disabled: true, parameters: {model: smollm2.gguf}}\n")
     (d / "broken.yaml").write_text("name: broken\nparameters: {model: smollm2.gguf}\noptions: ['cache_reuse:256']\n")
     (d / "escape.yaml").write_text("name: escape\nparameters: {model: ../outside.gguf}\n")
     return d
@@ -421,8 +422,28 @@ def test_bearer_token_naming_a_model_selects_it(server: Server) -> None:
     r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1},
              headers={"Authorization": "Bearer smol-go"})
     assert r.status_code == 200 and r.json()["model"] == "smol-go"
+
+
+
+def test_lacking_a_model_the_first_with_the_usecase_serves(server: Server) -> None:
+    """LocalAI's default: the first configured model (by name here) with the endpoint's usecase;
+    aliases and disabled models are passed over."""
     r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "model"  # several models: must name one
+    assert r.status_code == 200 and r.json()["model"] == "smol"
+    r = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 1})  # only smol-go has a completion template
+    assert r.status_code == 200 and r.json()["model"] == "smol-go"
+    r = post(server, "/v1/edits", {"instruction": "x", "input": "y"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model" and "edit" in r.json()["error"]["message"]
+
+
+def test_aliases_and_disabled_models(server: Server) -> None:
+    r = post(server, "/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["model"] == "gpt-4"  # served by smol, under the name asked for
+    assert "gpt-4" not in server.ready()["loaded"]
+    r = post(server, "/v1/chat/completions", {"model": "off-model", "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "permission_denied"
+    r = post(server, "/v1/messages", {"model": "off-model", "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]})
+    assert r.status_code == 403 and r.json()["error"]["type"] == "permission_error"
 
 
 def test_disconnect_mid_stream_frees_the_slot(server: Server) -> None:
@@ -509,7 +530,7 @@ def test_metrics_count_requests_tokens_and_routes(server: Server) -> None:
     assert delta('pylocalai_http_requests_total{method="GET",route="<unmatched>",status="404"}') == 1
     assert delta('pylocalai_http_request_duration_seconds_count{method="POST",route="/v1/chat/completions"}') == 1
     assert after[f"pylocalai_slots{model}"] == 4 and after[f"pylocalai_requests_processing{model}"] == 0
-    assert after["pylocalai_models_loaded"] >= 1 and after["pylocalai_models_configured"] == 2
+    assert after["pylocalai_models_loaded"] >= 1 and after["pylocalai_models_configured"] == 4
 
 
 def test_version_and_system(server: Server) -> None:
