@@ -125,6 +125,7 @@ def _serve(args: argparse.Namespace) -> int:
         defaults=EngineDefaults(threads=args.threads, context_size=args.context_size, parallel=args.parallel),
         max_loaded_models=args.max_loaded_models,
         idle_unload_s=args.idle_unload,
+        watch_s=args.watch,
         cors_origins=tuple(o.strip() for o in (args.cors_origins or "").split(",") if o.strip()),
         max_body_bytes=args.upload_limit * 1024 * 1024,
         default_model=default_model,
@@ -168,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-loaded-models", type=int, default=_int_env("LOCALAI_MAX_ACTIVE_BACKENDS") or 1,
                      help="models kept loaded; least recently used is unloaded first (LOCALAI_MAX_ACTIVE_BACKENDS)")
     srv.add_argument("--idle-unload", type=float, default=None, metavar="SECONDS", help="unload a model idle this long")
+    srv.add_argument("--watch", type=float, default=2.0, metavar="SECONDS",
+                     help="check the models folder this often for added, changed or removed configs and models "
+                          "(0: never)")
     srv.add_argument("--cors-origins", default=_env("LOCALAI_CORS_ALLOW_ORIGINS"), help="comma list, or *")
     srv.add_argument("--upload-limit", type=int, default=_int_env("LOCALAI_UPLOAD_LIMIT") or 32, help="request body limit, MB")
     srv.add_argument("--data-path", default=_env("LOCALAI_DATA_PATH", default="data"),

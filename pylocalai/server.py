@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ class ServerSettings:
     defaults: EngineDefaults = EngineDefaults()
     max_loaded_models: int = 1
     idle_unload_s: float | None = None
+    watch_s: float = 2.0  # how often the models folder is checked for added, changed or removed files; 0: never
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 32 * 1024 * 1024
     default_model: Path | None = field(default=None)  # served when the models folder holds no model
@@ -192,6 +194,8 @@ def create_app(settings: ServerSettings) -> QuartTrio:
                     log.error("preload entry %r skipped: %s", body, exc.message)
             if settings.idle_unload_s:
                 nursery.start_soon(_idle_unloader, reg, settings.idle_unload_s)
+            if settings.watch_s > 0:
+                nursery.start_soon(_watch_models, settings, _reload_models)
             yield
             gallery.stop()
             nursery.cancel_scope.cancel()
@@ -211,6 +215,38 @@ def _without_trailing_slash(asgi_app: Any) -> Any:
             scope = {**scope, "path": stripped, "raw_path": stripped.encode()}
         await asgi_app(scope, receive, send)
     return app
+
+
+def folder_state(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """What a change to the models folder shows in: its configs, templates and model files by
+    name, modification time and size (dot-files, the gallery's records and partial downloads, aside)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return ()
+    out = []
+    for e in entries:
+        if e.name.startswith(".") or not e.name.lower().endswith((".yaml", ".yml", ".gguf", ".tmpl")):
+            continue
+        try:
+            st = e.stat()
+        except OSError:
+            continue
+        out.append((e.name, st.st_mtime_ns, st.st_size))
+    return tuple(sorted(out))
+
+
+async def _watch_models(settings: ServerSettings, reload: Any) -> None:
+    """LocalAI rescans the models folder when it changes: a config or model file added, edited or
+    removed is served (or no longer) without a restart."""
+    seen = await trio.to_thread.run_sync(folder_state, settings.models_path)
+    while True:
+        await trio.sleep(settings.watch_s)
+        now = await trio.to_thread.run_sync(folder_state, settings.models_path)
+        if now != seen:
+            seen = now
+            log.info("the models folder changed: reloading its configs")
+            await reload()
 
 
 async def _idle_unloader(reg: ModelRegistry, idle_unload_s: float) -> None:
