@@ -432,10 +432,15 @@ class Scheduler:
         self._ram.remove(saved)  # the state moves into the slot (before saving the slot's own: no eviction)
         self.stats.ram_bytes -= saved.size
         self._ram_save(slot)
-        if not self._session.checkpoint_load(slot.seq, saved.data, False):  # e.g. no room in a shared cache
+        loaded = self._session.checkpoint_load(slot.seq, saved.data, False)
+        if not loaded:  # no room in a shared cache: what idle slots hold goes to RAM, then try again
             self._session.seq_rm(slot.seq, -1, -1)
             slot.cached.clear()
             slot.checkpoints.clear()
+            loaded = (not self._kv_streams and self.drop_idle_caches()
+                      and self._session.checkpoint_load(slot.seq, saved.data, False))
+        if not loaded:
+            self._session.seq_rm(slot.seq, -1, -1)
             self._ram.append(saved)  # not lost: it serves a later prompt
             self.stats.ram_bytes += saved.size
             return 0
@@ -643,10 +648,13 @@ class Scheduler:
         self._projector = None
 
     def drop_idle_caches(self) -> bool:
-        """Free KV held by idle slots (their prefix cache); True if anything was freed. Engine thread only."""
+        """Free KV held by idle slots (their prefix cache); True if anything was freed. With the
+        host-RAM cache on, what they held is saved there first. Engine thread only."""
         freed = False
         for slot in self._slots:
             if slot.state is SlotState.IDLE and slot.cached:
+                if self._ram_on:
+                    self._ram_save(slot)
                 self._session.seq_rm(slot.seq, -1, -1)
                 slot.cached.clear()
                 slot.checkpoints.clear()

@@ -118,3 +118,16 @@ def test_a_saved_window_state_is_not_taken_for_a_prefix_it_cannot_serve(engine: 
         again = m.complete([*held, *TAIL], max_tokens=2, **GREEDY)
         assert again.usage.cached_tokens == len(held)
         assert m.scheduler.stats.ram_restored == 1
+
+
+def test_caches_dropped_for_room_go_to_ram_first(engine: Any, tiny_llama: Path) -> None:
+    """One cache shared by two slots, room for one prompt: the second prompt needs the first slot's
+    cells, which are saved to RAM before they are freed, and come back for a revisit."""
+    with Llama(tiny_llama, **{**params(cache_ram=64), "n_ctx": 256, "n_parallel": 2}, kv_unified=True) as m:
+        m.complete(A, max_tokens=8, **GREEDY)  # slot 0 holds 208 of the 256 cells
+        m.complete(B, max_tokens=8, **GREEDY)  # slot 1 needs 128: slot 0's cache is dropped
+        assert m.scheduler.stats.kv_full_retries >= 1 and m.scheduler.stats.ram_saved >= 1
+        assert m.scheduler.slot_tokens(0) == ()
+        out = m.complete([*A, *TAIL], max_tokens=6, **GREEDY)
+        assert out.usage.cached_tokens == len(A) and m.scheduler.stats.ram_restored == 1
+    assert out.tokens == fresh(tiny_llama, [*A, *TAIL])
