@@ -8,7 +8,7 @@ import logging
 import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing, asynccontextmanager, suppress
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -69,7 +69,13 @@ def resolve_model(body: dict[str, Any], usecase: str | None = None) -> ModelConf
     name = body.get("model")
     if name is not None and not isinstance(name, str):
         raise InvalidRequestError("'model' must be a string", param="model")
-    return registry().resolve(name or None, bearer_token(), usecase)
+    reg = registry()
+    if not name:  # LocalAI's next places: ?model=, then a bearer token that names a model
+        bearer = bearer_token()
+        name = request.args.get("model") or (bearer if bearer and reg.catalog.get(bearer) is not None else None)
+        if name:
+            body["model"] = name  # answers echo the name asked for (an alias's own)
+    return reg.resolve(name or None, None, usecase)
 
 
 def sampling_for(cfg: ModelConfig, request_fields: dict[str, Any], stop: Sequence[str] = ()) -> dict[str, Any]:
@@ -204,28 +210,40 @@ def merge_choices(streams: list[AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
 
 
 async def _merged(streams: list[AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
-    # A choice's error travels through the channel and is raised here, not in its task: a task
-    # that failed would cancel the nursery while this generator is suspended at a `yield`, and the
-    # cancellation would land in whoever iterates it (the server's send), ending the stream
-    # without its error frame.
-    async def produce(stream: AsyncIterator[bytes], out: trio.MemorySendChannel[bytes | PylocalaiError]) -> None:
+    # No task here may fail: a failed task cancels the nursery, and while this generator sits at a
+    # `yield` that cancellation lands in whoever iterates it (the server's send), which ends the
+    # stream without its error frame. So a choice's error travels through the channel; the
+    # consumer then stops the other choices and raises it once the nursery has closed.
+    class _Failed:
+        def __init__(self, exc: Exception) -> None:
+            self.exc = exc
+
+    async def produce(stream: AsyncIterator[bytes], out: trio.MemorySendChannel[bytes | _Failed]) -> None:
         async with out, aclosing(stream) as frames:  # type: ignore[type-var]
             try:
                 async for frame in frames:
                     await out.send(frame)
-            except PylocalaiError as exc:
-                await out.send(exc)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the consumer stopped reading: another choice failed, or the client left
+            except Exception as exc:  # noqa: BLE001 - raised again by the consumer, outside the nursery
+                with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await out.send(_Failed(exc))
 
-    send, recv = trio.open_memory_channel[bytes | PylocalaiError](64)
-    async with choice_nursery() as nursery:
+    failed: Exception | None = None
+    send, recv = trio.open_memory_channel[bytes | _Failed](64)
+    async with trio.open_nursery() as nursery:
         async with send:
             for stream in streams:
                 nursery.start_soon(produce, stream, send.clone())
         async with recv:
             async for item in recv:
-                if isinstance(item, PylocalaiError):
-                    raise item
+                if isinstance(item, _Failed):
+                    failed = item.exc
+                    nursery.cancel_scope.cancel()
+                    break
                 yield item
+    if failed is not None:
+        raise failed
 
 
 @asynccontextmanager
