@@ -6,6 +6,7 @@ import hmac
 import logging
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,8 +162,11 @@ def create_app(settings: ServerSettings) -> QuartTrio:
         return {"status": "ready", "models": reg.names(), "loaded": reg.loaded_status(),
                 "config_errors": reg.catalog.errors}, 200
 
+    reload_lock = trio.Lock()  # the watcher and gallery jobs: the newest folder state is applied last
+
     async def _reload_models() -> None:
-        await reg.reload(await trio.to_thread.run_sync(build_catalog, settings))
+        async with reload_lock:
+            await reg.reload(await trio.to_thread.run_sync(build_catalog, settings))
 
     gallery = GalleryService(settings.models_path, list(settings.galleries), on_change=_reload_models)
     app.config["PYLOCALAI_GALLERY"] = gallery
@@ -195,7 +199,7 @@ def create_app(settings: ServerSettings) -> QuartTrio:
             if settings.idle_unload_s:
                 nursery.start_soon(_idle_unloader, reg, settings.idle_unload_s)
             if settings.watch_s > 0:
-                nursery.start_soon(_watch_models, settings, _reload_models)
+                nursery.start_soon(_watch_models, settings, reg, _reload_models)
             yield
             gallery.stop()
             nursery.cancel_scope.cancel()
@@ -217,36 +221,44 @@ def _without_trailing_slash(asgi_app: Any) -> Any:
     return app
 
 
-def folder_state(folder: Path) -> tuple[tuple[str, int, int], ...]:
-    """What a change to the models folder shows in: its configs, templates and model files by
-    name, modification time and size (dot-files, the gallery's records and partial downloads, aside)."""
+def folder_state(folder: Path, also: Iterable[Path] = ()) -> tuple[tuple[str, int, int, int, int], ...]:
+    """What a change to the models folder shows in: its configs, templates and model files (and
+    `also`: the model files configs name in subfolders) by name, inode, modification and change
+    times and size. Dot-files (the gallery's records) and partial downloads are left aside."""
     try:
-        entries = list(os.scandir(folder))
+        paths = [Path(e.path) for e in os.scandir(folder)
+                 if not e.name.startswith(".") and e.name.lower().endswith((".yaml", ".yml", ".gguf", ".tmpl"))]
     except OSError:
-        return ()
+        paths = []
     out = []
-    for e in entries:
-        if e.name.startswith(".") or not e.name.lower().endswith((".yaml", ".yml", ".gguf", ".tmpl")):
-            continue
+    for path in {*paths, *also}:
         try:
-            st = e.stat()
+            st = path.stat()
         except OSError:
             continue
-        out.append((e.name, st.st_mtime_ns, st.st_size))
+        out.append((str(path), st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size))
     return tuple(sorted(out))
 
 
-async def _watch_models(settings: ServerSettings, reload: Any) -> None:
+async def _watch_models(settings: ServerSettings, reg: ModelRegistry, reload: Any) -> None:
     """LocalAI rescans the models folder when it changes: a config or model file added, edited or
     removed is served (or no longer) without a restart."""
-    seen = await trio.to_thread.run_sync(folder_state, settings.models_path)
+    def state() -> tuple[tuple[str, int, int, int, int], ...]:
+        named = [p for c in reg.catalog.configs.values() for p in (c.model_path, c.mmproj)
+                 if p is not None and not c.alias]
+        return folder_state(settings.models_path, named)
+
+    seen = await trio.to_thread.run_sync(state)
     while True:
         await trio.sleep(settings.watch_s)
-        now = await trio.to_thread.run_sync(folder_state, settings.models_path)
+        now = await trio.to_thread.run_sync(state)
         if now != seen:
             seen = now
             log.info("the models folder changed: reloading its configs")
-            await reload()
+            try:
+                await reload()
+            except Exception:  # the server keeps serving what it has; the next change tries again
+                log.exception("reloading the models folder failed")
 
 
 async def _idle_unloader(reg: ModelRegistry, idle_unload_s: float) -> None:

@@ -224,6 +224,8 @@ async def model_capabilities() -> tuple[Any, int]:
     data = []
     for name in _listed_models():
         cfg = catalog.get(name)
+        if cfg is not None and cfg.alias:
+            cfg = catalog.get(cfg.alias)  # an alias takes what its target takes
         multimodal = cfg is not None and cfg.mmproj is not None
         data.append({**_model_object(name),
                      "capabilities": ["chat", "completion", "edit", "embeddings", "tokenize"],

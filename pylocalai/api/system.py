@@ -16,6 +16,7 @@ from pylocalai.engine.backend import available_engines
 
 bp = Blueprint("system", __name__)
 
+_METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -29,6 +30,8 @@ class HttpMetrics:
         self.sums: dict[tuple[str, str], float] = defaultdict(float)
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        if method not in _METHODS:
+            method = "other"  # a label per made-up method would let any client grow the series
         self.requests[(method, route, status)] += 1
         self.buckets[(method, route)][bisect.bisect_left(BUCKETS, seconds)] += 1
         self.sums[(method, route)] += seconds

@@ -132,7 +132,7 @@ class ModelConfig:
     mmproj: Path | None = None  # multimodal projector (images, audio), inside the models folder
     alias: str = ""  # another model's name: requests for this one are served by that one
     disabled: bool = False  # configured, but requests for it are refused (403)
-    known_usecases: tuple[str, ...] = ()  # chat, completion, edit, embeddings; guessed when empty
+    known_usecases: tuple[str, ...] = ()  # declared (chat, completion, edit, embeddings, ...); added to the guessed
     embeddings: bool = False
 
     @property
@@ -141,12 +141,14 @@ class ModelConfig:
         return self.source == self.name and self.name.lower().endswith(".gguf")
 
     def has_usecase(self, usecase: str) -> bool:
-        """LocalAI's usecases: the declared ones, else guessed from the templates (a config with no
-        chat template renders chats with the GGUF's own, so it is a chat model)."""
-        if self.known_usecases:
-            return usecase in self.known_usecases
+        """LocalAI's usecases: the declared ones, and those guessed from the templates. A config with
+        no template at all renders chats with the GGUF's own, so it is a chat model too."""
+        if usecase in self.known_usecases:
+            return True
+        t = self.template
         if usecase == "chat":
-            return not self.embeddings
+            no_template = not (t.chat or t.chat_message or t.completion or t.edit)
+            return not self.embeddings and bool(t.chat or t.chat_message or t.use_tokenizer_template or no_template)
         if usecase == "completion":
             return bool(self.template.completion)
         if usecase == "edit":
@@ -293,7 +295,7 @@ def parse_config(doc: Any, models_dir: Path, source: str, env: dict[str, str] | 
     where = f"{source} ({name})"
     disabled = _flag(doc, "disabled", False, where)
     alias = _scalar_text(doc.get("alias"))
-    if alias is not None:
+    if alias is not None and alias != "":  # an empty alias is none, as in LocalAI
         if not isinstance(alias, str) or not alias.strip():
             raise ConfigError(f"{where}: field 'alias' must be the name of another model", param="alias")
         return ModelConfig(name=name.strip(), model_path=Path(), source=source, alias=alias.strip(), disabled=disabled)
@@ -302,10 +304,6 @@ def parse_config(doc: Any, models_dir: Path, source: str, env: dict[str, str] | 
         usecases = [usecases]
     if not isinstance(usecases, list) or not all(isinstance(u, str) for u in usecases):
         raise ConfigError(f"{where}: field 'known_usecases' must be a list of names", param="known_usecases")
-    unknown = {u.lower().removeprefix("flag_") for u in usecases} - _USECASES
-    if unknown:
-        raise ConfigError(f"{where}: known_usecases {sorted(unknown)} are not text-generation usecases "
-                          f"(this server knows {sorted(_USECASES)})", param="known_usecases")
     params = doc.get("parameters") or {}
     if not isinstance(params, dict):
         raise ConfigError(f"{where}: field 'parameters' must be a mapping", param="parameters")
@@ -372,12 +370,19 @@ def parse_config(doc: Any, models_dir: Path, source: str, env: dict[str, str] | 
         parameters={k: v for k, v in params.items() if k in _PARAM_KEYS},
         description=str(doc.get("description") or ""),
         disabled=disabled,
-        known_usecases=tuple(sorted({u.lower().removeprefix("flag_") for u in usecases})),
+        known_usecases=_usecases(usecases),
         embeddings=_flag(doc, "embeddings", False, where),
     )
 
 
-_USECASES = {"chat", "completion", "edit", "embeddings"}
+def _usecases(names: list[str]) -> tuple[str, ...]:
+    """LocalAI's usecase names (FLAG_CHAT or chat; `llm` is chat, completion and edit). Those this
+    server does not serve (vision, tts, rerank, ...) are kept, and match no endpoint here."""
+    out: set[str] = set()
+    for name in names:
+        n = name.strip().lower().removeprefix("flag_")
+        out.update(("chat", "completion", "edit") if n == "llm" else (n,))
+    return tuple(sorted(out))
 
 
 def _opt_int(doc: dict[str, Any], key: str, where: str) -> int | None:
@@ -430,6 +435,9 @@ def load_catalog(models_dir: str | os.PathLike[str], env: dict[str, str] | None 
             docs = load_yaml(path.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             catalog.errors.append(f"{path.name}: not valid YAML: {exc}")
+            continue
+        except OSError as exc:  # removed or renamed while the folder was read
+            catalog.errors.append(f"{path.name}: cannot be read: {exc.strerror or exc}")
             continue
         for i, doc in enumerate(docs if isinstance(docs, list) else [docs]):
             source = path.name if not isinstance(docs, list) else f"{path.name}[{i}]"

@@ -440,6 +440,11 @@ def test_aliases_and_disabled_models(server: Server) -> None:
     r = post(server, "/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1})
     assert r.status_code == 200 and r.json()["model"] == "gpt-4"  # served by smol, under the name asked for
     assert "gpt-4" not in server.ready()["loaded"]
+    r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1},
+             headers={"Authorization": "Bearer gpt-4"})
+    assert r.status_code == 200 and r.json()["model"] == "gpt-4"  # named by the token: the same
+    r = post(server, "/v1/chat/completions?model=gpt-4", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["model"] == "gpt-4"  # LocalAI's ?model=
     r = post(server, "/v1/chat/completions", {"model": "off-model", "messages": [{"role": "user", "content": "x"}]})
     assert r.status_code == 403 and r.json()["error"]["code"] == "permission_denied"
     r = post(server, "/v1/messages", {"model": "off-model", "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]})
@@ -515,6 +520,7 @@ def test_metrics_count_requests_tokens_and_routes(server: Server) -> None:
                                               "max_tokens": 3})
     usage = r.json()["usage"]
     assert httpx.get(server.url + "/no/such/route").status_code == 404
+    assert httpx.request("BREW", server.url + "/v1/models").status_code in (404, 405)
     after = metrics(server)
     model = '{model="smol",engine="llama_cpp"}'
 
@@ -528,6 +534,8 @@ def test_metrics_count_requests_tokens_and_routes(server: Server) -> None:
     assert delta('pylocalai_requests_finished_total{model="smol",engine="llama_cpp",reason="length"}') == 1
     assert delta('pylocalai_http_requests_total{method="POST",route="/v1/chat/completions",status="200"}') == 1
     assert delta('pylocalai_http_requests_total{method="GET",route="<unmatched>",status="404"}') == 1
+    assert not any('method="BREW"' in k for k in after)  # a made-up method is "other": no new series per method
+    assert any('method="other"' in k for k in after)
     assert delta('pylocalai_http_request_duration_seconds_count{method="POST",route="/v1/chat/completions"}') == 1
     assert after[f"pylocalai_slots{model}"] == 4 and after[f"pylocalai_requests_processing{model}"] == 0
     assert after["pylocalai_models_loaded"] >= 1 and after["pylocalai_models_configured"] == 4

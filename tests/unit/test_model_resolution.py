@@ -25,7 +25,9 @@ CONFIGS = """
 - {name: off-alias, alias: beta, disabled: true}
 - {name: dangling, alias: nowhere}
 - {name: chain, alias: aardvark}
-- {name: odd, parameters: {model: m.gguf}, known_usecases: [tts]}
+- {name: odd, parameters: {model: m.gguf}, known_usecases: [tts], template: {completion: "{{.Input}}"}}
+- {name: general, parameters: {model: m.gguf}, known_usecases: [llm], embeddings: true}
+- {name: empty-alias, alias: "", parameters: {model: m.gguf}, template: {completion: "{{.Input}}"}}
 """
 
 
@@ -41,8 +43,18 @@ def test_aliases_are_checked_when_the_folder_loads(reg: ModelRegistry) -> None:
     errors = reg.catalog.errors
     assert any("dangling" in e and "'nowhere' is not a configured model" in e for e in errors)
     assert any("chain" in e and "is an alias itself" in e for e in errors)
-    assert any("odd" in e and "known_usecases ['tts']" in e for e in errors)
     assert "dangling" not in reg.names() and "chain" not in reg.names() and "aardvark" in reg.names()
+    assert "empty-alias" in reg.names() and not reg.catalog.configs["empty-alias"].alias  # an empty alias is none
+
+
+def test_usecases_are_declared_and_guessed(reg: ModelRegistry) -> None:
+    cfgs = reg.catalog.configs
+    assert cfgs["odd"].known_usecases == ("tts",)  # one this server does not serve: kept, not an error
+    assert not cfgs["odd"].has_usecase("chat") and cfgs["odd"].has_usecase("completion")  # a completion template only
+    assert cfgs["general"].known_usecases == ("chat", "completion", "edit")  # llm
+    assert cfgs["general"].has_usecase("chat")  # declared, though an embeddings model
+    assert cfgs["editor"].has_usecase("chat")  # declared edit and completion, plus the guessed chat (no template)
+    assert cfgs["zeta"].has_usecase("completion") and not cfgs["zeta"].has_usecase("chat")
 
 
 def test_a_named_model(reg: ModelRegistry) -> None:
@@ -61,8 +73,9 @@ def test_a_named_model(reg: ModelRegistry) -> None:
 def test_lacking_a_name_the_first_model_with_the_usecase(reg: ModelRegistry) -> None:
     # by name: alpha is disabled, aardvark an alias, beta has no completion template
     assert reg.resolve(None, usecase="chat").name == "beta"
-    assert reg.resolve(None, usecase="completion").name == "editor"  # declared usecases
+    assert reg.resolve(None, usecase="completion").name == "editor"  # declared (before 'empty-alias' and 'general')
     assert reg.resolve(None, usecase="edit").name == "editor"
+    assert reg.resolve(None, usecase="chat").name == "beta"
     assert reg.resolve(None, usecase="embeddings").name == "embedder"
     assert not reg.catalog.configs["embedder"].has_usecase("chat")
     with pytest.raises(InvalidRequestError, match="several models"):
