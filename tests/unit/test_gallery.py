@@ -466,7 +466,7 @@ def test_stopping_the_service_ends_a_download_at_once(files: FileServer, tmp_pat
             nursery.cancel_scope.cancel()
         return time.monotonic() - t0
 
-    assert trio.run(main) < 1.0
+    assert trio.run(main) < 2.5  # the whole file takes 6 s
     partial = tmp_path / "models" / "big.bin.partial"
     assert 0 < partial.stat().st_size < 8 * MB and not (tmp_path / "models" / "big.yaml").exists()
 
