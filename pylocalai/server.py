@@ -29,6 +29,7 @@ from pylocalai.engine.registry import EngineDefaults, ModelRegistry
 from pylocalai.errors import AuthenticationError, PylocalaiError
 from pylocalai.gallery.install import Gallery
 from pylocalai.gallery.service import GalleryService, Job
+from pylocalai.gallery.sources import is_url
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def build_catalog(settings: ServerSettings) -> ModelCatalog:
 
 def startup_apply_body(model: str) -> dict[str, Any]:
     """`pylocalai serve NAME|URL`: a gallery model, or a model file (or gallery config) by URL."""
-    return {"url": model} if "://" in model or model.startswith(("github:", "hf.co/")) else {"id": model}
+    return {"url": model} if is_url(model) else {"id": model}
 
 
 def create_app(settings: ServerSettings) -> QuartTrio:

@@ -29,7 +29,7 @@ from pylocalai.gallery.install import (
     run_install,
     safe_name,
 )
-from pylocalai.gallery.sources import DownloadCancelled, resolve_url
+from pylocalai.gallery.sources import DownloadCancelled, is_url, resolve_url
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class GalleryService:
         if not gid and not url:
             raise InvalidRequestError("give the gallery model's 'id' (gallery@name or name), or a config 'url'",
                                       param="id")
-        if gid and not url and ("://" in gid or gid.startswith(("github:", "hf.co/"))):
+        if gid and not url and is_url(gid):
             body = {**body, "id": None, "url": gid}  # an id that is a URL: a config or model file to fetch
             gid, url = None, body["url"]
         if name:

@@ -56,6 +56,11 @@ def _repo_path(uri: str, rest: str) -> tuple[str, str, str]:
     return parts[0], parts[1], parts[2]
 
 
+def is_url(text: str) -> bool:
+    """A URL of one of the schemes below, rather than a gallery model's name."""
+    return "://" in text or text.startswith(("github:", "hf.co/"))
+
+
 def hf_endpoint(env: Mapping[str, str]) -> str:
     return (env.get("HF_ENDPOINT") or env.get("HF_MIRROR") or HF_DEFAULT_ENDPOINT).rstrip("/")
 
