@@ -49,6 +49,7 @@ from pylocalai.errors import (
     PylocalaiError,
 )
 
+HOST_BACKENDS = frozenset({"CPU", "RPC", "BLAS"})  # ggml backends that are not a GPU (RPC: see rpc_servers)
 _FLASH_ATTN = {"auto": -1, "off": 0, "on": 1, False: 0, True: 1, -1: -1}  # 0 and 1 equal False and True
 _SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__)
 
@@ -196,7 +197,7 @@ class Llama:
         _check_rpc_servers(rpc_servers or [])
         self._engine = load_engine(backend)
         ik_model, ik_context = ik_options.split(engine_key(backend), engine_options,
-                                                has_gpu=bool(set(self._engine.backends()) - {"CPU", "RPC"}))
+                                                has_gpu=bool(set(self._engine.backends()) - HOST_BACKENDS))
         self.model_path = path
         self._chat_template = chat_template or ""
         model_params = {
@@ -290,6 +291,13 @@ class Llama:
     def engine_name(self) -> str:
         """The engine module this model runs on: "llama_cpp" or "ik_llama_cpp"."""
         return str(self._engine.__name__.rsplit(".", 1)[-1])
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether layers run on a GPU: the engine was built with a GPU backend (CUDA, HIP, Vulkan, ...)
+        and n_gpu_layers is not 0. There, results depend a little on how many rows the kernels compute
+        at once (batching, prefix reuse), as they do in llama.cpp's own server; on the CPU they do not."""
+        return bool(set(self._engine.backends()) - HOST_BACKENDS) and self._model_params["n_gpu_layers"] != 0
 
     @property
     def n_ctx(self) -> int:

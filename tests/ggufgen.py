@@ -417,7 +417,7 @@ def write_tiny_rwkv6(
     *,
     n_layer: int = 2,
     n_embd: int = 64,
-    head_size: int = 16,
+    head_size: int = 64,  # ggml's CUDA kernel takes 64 or 128 (as real RWKV6 models have) and aborts on others
     n_ff: int = 128,
     time_mix_extra_dim: int = 8,
     time_decay_extra_dim: int = 16,

@@ -109,7 +109,7 @@ def test_stream_event_order(server: Server) -> None:
 
 
 def test_stream_helper_of_the_sdk(client: Any) -> None:
-    with client.responses.stream(model="smol", input="Name a fruit.", max_output_tokens=30) as stream:
+    with client.responses.stream(model="smol", input="Name a fruit. Answer in one word.", max_output_tokens=100) as stream:
         text = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
         final = stream.get_final_response()
     assert final.status == "completed" and final.output_text == text

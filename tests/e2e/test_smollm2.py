@@ -67,8 +67,15 @@ def test_greedy_output_equals_the_engines_own_tool(smollm2: Llama, smollm2_path:
 # ik_llama.cpp has one KV cache that all sequences share: a batched sequence's cells sit among the
 # others', which changes the summation order in attention, and the 8-bit activation quantization
 # amplifies those last-bit differences (as llama.cpp's own kv_unified=True does; measured here:
-# top-2 logprob gaps up to about 0.2 flip). llama.cpp's per-sequence caches are exact.
+# top-2 logprob gaps up to about 0.2 flip). llama.cpp's per-sequence caches are exact
+# on the CPU.
 NEAR_TIE = 0.35
+# On a GPU the kernels depend on how many rows a product has (llama.cpp's CUDA backend: one kernel up
+# to 8 rows with 8-bit activations, others beyond), so a prompt computed alone, in a batch or from a
+# reused prefix gives other last bits, as in llama.cpp's own server. Measured on an H100 (CUDA 13.0,
+# SmolLM2 Q4_1): the four prompts batched diverged from solo at tokens 5, 11, 13 and 10, where the
+# reference's top-2 gap was 0.17, 0.36, 0.02 and 0.32, after logprobs had drifted by up to 0.49.
+GPU_NEAR_TIE, GPU_MIN_SAME = 1.0, 4
 
 
 def test_four_concurrent_greedy_generations_equal_their_solo_output(smollm2: Llama) -> None:
@@ -93,18 +100,20 @@ def test_four_concurrent_greedy_generations_equal_their_solo_output(smollm2: Lla
 
 
 def assert_same_greedy(llm: Llama, ref: Any, got: tuple[int, ...], what: str) -> None:
-    """got equals the greedy reference (a Completion with logprobs=2): exactly on llama.cpp; on ik_llama.cpp
-    (one shared cache) up to a first divergence that must sit at a near-tie of the reference, after 8 tokens."""
-    if llm.engine_name == "llama_cpp":
+    """got equals the greedy reference (a Completion with logprobs=2): exactly on llama.cpp on the CPU; on
+    ik_llama.cpp (one shared cache) up to a first divergence that must sit at a near-tie of the reference,
+    after 8 tokens; on a GPU likewise, with the wider ties its kernels give (above)."""
+    if llm.engine_name == "llama_cpp" and not llm.on_gpu:
         assert got == ref.tokens, f"{what}: diverged"
         return
+    near_tie, min_same = (GPU_NEAR_TIE, GPU_MIN_SAME) if llm.on_gpu else (NEAR_TIE, 8)
     first = next((k for k in range(len(ref.tokens)) if got[k] != ref.tokens[k]), None)
     if first is None:
         return
     (_, best), (_, second) = ref.logprobs[first].top[:2]
-    assert best - second < NEAR_TIE, (f"{what}: diverged at token {first}, where the reference was not a near-tie "
+    assert best - second < near_tie, (f"{what}: diverged at token {first}, where the reference was not a near-tie "
                                       f"(top-2 gap {best - second:.3f})")
-    assert first >= 8, f"{what}: diverged already at token {first}"
+    assert first >= min_same, f"{what}: diverged already at token {first}"
 
 
 def test_a_reused_prompt_prefix_gives_the_cold_output(smollm2: Llama) -> None:
@@ -163,6 +172,9 @@ def test_prompt_longer_than_the_context_is_a_clear_error(smollm2: Llama) -> None
 
 
 def test_stop_string_spanning_tokens_is_cut(smollm2: Llama) -> None:
+    # the reference is the second run, which takes its prompt from the slot's cache as the run with the
+    # stop string does: on a GPU a cached prompt may give another greedy answer than a computed one
+    smollm2.complete(PROMPTS[0], max_tokens=30, temperature=0.0, ignore_eos=True)
     ref = smollm2.complete(PROMPTS[0], max_tokens=30, temperature=0.0, ignore_eos=True)
     # a stop string made of the end of one token and the start of the next (e.g. "d St" across
     # " United" + " States"), at its first occurrence in the greedy answer

@@ -33,9 +33,29 @@ def fresh(path: Path, prompt: list[int], n: int = 4) -> Any:
         return m.complete(prompt, max_tokens=n, logprobs=5, **GREEDY)
 
 
+def on_gpu() -> bool:
+    from pylocalai.engine.backend import load_engine
+    from pylocalai.model import HOST_BACKENDS
+
+    return bool(set(load_engine("llama-cpp").backends()) - HOST_BACKENDS)
+
+
 def same_answer(a: Any, b: Any) -> None:
-    assert a.tokens == b.tokens
-    assert [lp.logprob for lp in a.logprobs] == pytest.approx([lp.logprob for lp in b.logprobs], abs=1e-3)
+    """a is b's greedy answer. On the CPU: the same tokens, logprobs equal to float noise. On a GPU the
+    kernels change with the number of rows computed at once (logprobs 1.1e-3 apart measured on an H100,
+    CUDA 13.0), so logprobs agree to 1e-2 and the tokens up to a first one where b's top two are that
+    close (this random-weight model has near-ties), past which nothing more can be compared."""
+    gpu = on_gpu()
+    tol = 1e-2 if gpu else 1e-3
+    if not gpu:
+        assert a.tokens == b.tokens
+    assert len(a.tokens) == len(b.tokens)
+    for k, (x, y) in enumerate(zip(a.logprobs, b.logprobs, strict=True)):
+        assert x.logprob == pytest.approx(y.logprob, abs=tol), f"token {k}"
+        if x.token != y.token:
+            (_, best), (_, second) = y.top[:2]
+            assert best - second <= 2 * tol, f"token {k} differs where the reference has no tie"
+            return
 
 
 @pytest.fixture()
