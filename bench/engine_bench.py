@@ -56,10 +56,17 @@ def tool_path(engine: str, name: str) -> Path:
 LLAMA_BENCH_REPS = 3  # llama-bench's -r: its figures are the mean over this many repetitions
 
 
-def llama_bench(engine: str, model: Path, threads: int, n_prompt: int, n_gen: int) -> tuple[float, float]:
+def ngl_args(n_gpu_layers: int | None) -> list[str]:
+    """The tools' -ngl for pylocalai's n_gpu_layers (None: each side's default, every layer on a GPU
+    build; negative: all)."""
+    return [] if n_gpu_layers is None else ["-ngl", str(999 if n_gpu_layers < 0 else n_gpu_layers)]
+
+
+def llama_bench(engine: str, model: Path, threads: int, n_prompt: int, n_gen: int,
+                n_gpu_layers: int | None = None) -> tuple[float, float]:
     """(pp tok/s, tg tok/s) from one llama-bench invocation (its own mean of LLAMA_BENCH_REPS repetitions)."""
     cmd = [str(tool_path(engine, "llama-bench")), "-m", str(model), "-t", str(threads), "-p", str(n_prompt),
-           "-n", str(n_gen), "-r", str(LLAMA_BENCH_REPS), "-o", "json", *BENCH_ARGS[engine]]
+           "-n", str(n_gen), "-r", str(LLAMA_BENCH_REPS), "-o", "json", *BENCH_ARGS[engine], *ngl_args(n_gpu_layers)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800).stdout
     rows = json.loads(out)
     pp = next(r["avg_ts"] for r in rows if r["n_prompt"] == n_prompt and r["n_gen"] == 0)
@@ -118,12 +125,13 @@ def ours_aggregate(llm: Any, rng: np.random.Generator, n_seqs: int, n_gen: int) 
     return decoded / (end - start)
 
 
-def batched_bench(engine: str, model: Path, threads: int, n_gen: int, concurrency: list[int], n_ctx: int) -> dict[int, float]:
+def batched_bench(engine: str, model: Path, threads: int, n_gen: int, concurrency: list[int], n_ctx: int,
+                  n_gpu_layers: int | None = None) -> dict[int, float]:
     """The fork's own llama-batched-bench: S_TG (aggregate decode tok/s) for each sequence count, with
     the same 8-token prompts, context, batch sizes and flash-attention setting as pylocalai's runs."""
     cmd = [str(tool_path(engine, "llama-batched-bench")), "-m", str(model), "-t", str(threads), "-c", str(n_ctx),
            "-b", "512", "-ub", "512", "-npp", "8", "-ntg", str(n_gen), "-npl", ",".join(map(str, concurrency)),
-           "-fa", FLASH_ATTN[engine]]
+           "-fa", FLASH_ATTN[engine], *ngl_args(n_gpu_layers)]
     # in a scratch directory: ik_llama.cpp's build of it writes ./llama.log
     with tempfile.TemporaryDirectory(prefix="batched-bench-") as scratch:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800, cwd=scratch)
@@ -156,9 +164,9 @@ class EngineRun:
     model afresh and closes it after: with both engines' models resident in one process, the ik
     engine's decode ran 5-24 % slower on this VM than with its model alone."""
 
-    def __init__(self, engine: str, model: Path, threads: int, n_prompt: int, n_gen: int, concurrency: list[int]) -> None:
-
-        self.engine, self.model, self.threads = engine, model, threads
+    def __init__(self, engine: str, model: Path, threads: int, n_prompt: int, n_gen: int, concurrency: list[int],
+                 n_gpu_layers: int | None = None) -> None:
+        self.engine, self.model, self.threads, self.n_gpu_layers = engine, model, threads, n_gpu_layers
         self.n_prompt, self.n_gen, self.concurrency = n_prompt, n_gen, concurrency
         self.rng = np.random.default_rng(0)
         self.ref_pp: list[float] = []
@@ -174,8 +182,9 @@ class EngineRun:
     def open(self) -> Any:
         from pylocalai import Llama
 
+        gpu = {} if self.n_gpu_layers is None else {"n_gpu_layers": self.n_gpu_layers}
         llm = Llama(self.model, backend=ENGINES[self.engine], n_ctx=self.n_ctx, n_batch=512, n_ubatch=512,
-                    n_threads=self.threads, n_parallel=max(self.concurrency), flash_attn=FLASH_ATTN[self.engine])
+                    n_threads=self.threads, n_parallel=max(self.concurrency), flash_attn=FLASH_ATTN[self.engine], **gpu)
         self.info = {k: llm.info[k] for k in ("architecture", "description", "n_params", "size_bytes")}
         ours_single(llm, self.rng, 64, 8, reps=1)  # warm-up: page the weights in, build the graphs
         return llm
@@ -186,14 +195,15 @@ class EngineRun:
             self._measure(llm, label)
 
     def _measure(self, llm: Any, label: str) -> None:
-        pp, tg = llama_bench(self.engine, self.model, self.threads, self.n_prompt, self.n_gen)
+        pp, tg = llama_bench(self.engine, self.model, self.threads, self.n_prompt, self.n_gen, self.n_gpu_layers)
         self.ref_pp.append(pp)
         self.ref_tg.append(tg)
         clean(llm)
         pp, tg = ours_single(llm, self.rng, self.n_prompt, self.n_gen)
         self.our_pp.append(pp)
         self.our_tg.append(tg)
-        for c, v in batched_bench(self.engine, self.model, self.threads, self.n_gen, self.concurrency, self.n_ctx).items():
+        for c, v in batched_bench(self.engine, self.model, self.threads, self.n_gen, self.concurrency, self.n_ctx,
+                                  self.n_gpu_layers).items():
             self.ref_agg[c].append(v)
         for c in self.concurrency:
             clean(llm)
@@ -228,8 +238,8 @@ class EngineRun:
 
 
 def bench_model(engines: list[str], model: Path, threads: int, repeats: int, n_prompt: int, n_gen: int,
-                concurrency: list[int]) -> dict[str, Any]:
-    runs = [EngineRun(e, model, threads, n_prompt, n_gen, concurrency) for e in engines]
+                concurrency: list[int], n_gpu_layers: int | None = None) -> dict[str, Any]:
+    runs = [EngineRun(e, model, threads, n_prompt, n_gen, concurrency, n_gpu_layers) for e in engines]
     for r in range(repeats):
         for run in runs if r % 2 == 0 else runs[::-1]:  # engine A then B, then B then A
             run.repeat(f"repeat {r + 1}/{repeats}")
@@ -239,6 +249,16 @@ def bench_model(engines: list[str], model: Path, threads: int, repeats: int, n_p
         ik, up = per["ik_llama_cpp"]["pylocalai"], per["llama_cpp"]["pylocalai"]
         res["ik_vs_llama_cpp"] = {k: ik[k]["median"] / up[k]["median"] for k in ("pp", "tg")}
     return res
+
+
+def gpu_names() -> list[str]:
+    """The machine's NVIDIA GPUs (none where nvidia-smi is missing or finds none)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+                             check=False, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
 
 
 def resolve(name: str) -> Path:
@@ -261,15 +281,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-prompt", type=int, default=512)
     ap.add_argument("--n-gen", type=int, default=128)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--n-gpu-layers", type=int, default=None,
+                    help="layers to offload on a GPU build, the same for every side (-1: all; default: each "
+                         "side's own default, which is all layers)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "engine.json")
     args = ap.parse_args(argv)
     from pylocalai.engine.backend import available_engines
 
     engines = args.engine or [e for e in ENGINES if e in available_engines()]
     results = [bench_model(engines, resolve(m), args.threads, args.repeats, args.n_prompt, args.n_gen,
-                           args.concurrency) for m in args.model]
-    doc = {"threads": args.threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen,
-           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor()},
+                           args.concurrency, args.n_gpu_layers) for m in args.model]
+    doc = {"threads": args.threads, "n_prompt": args.n_prompt, "n_gen": args.n_gen, "n_gpu_layers": args.n_gpu_layers,
+           "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "processor": platform.processor(),
+                       "gpus": gpu_names()},
            "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2))
