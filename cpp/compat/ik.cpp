@@ -571,14 +571,7 @@ int32_t SeqSampler::sample_and_accept(llama_context * ctx, int32_t idx) {
     Impl & s = *impl_;
     const float * logits = llama_get_logits_ith(ctx, idx);
     if (s.plain_greedy) {
-        int32_t best = -1;
-        float best_logit = -INFINITY;
-        for (int32_t t = 0; t < s.n_vocab; ++t) {  // first maximum, as llama.cpp's greedy sampler
-            if (!s.banned[t] && logits[t] > best_logit) {
-                best_logit = logits[t];
-                best = t;
-            }
-        }
+        const int32_t best = compat::greedy_token(logits, s.n_vocab, s.banned.data());
         if (best < 0) {
             throw EngineError("the model produced no finite logit (NaN weights?)");
         }

@@ -360,15 +360,7 @@ SeqSampler::~SeqSampler() = default;
 
 int32_t SeqSampler::sample_and_accept(llama_context * ctx, int32_t idx) {
     if (impl_->plain_greedy) {
-        const float * logits = llama_get_logits_ith(ctx, idx);
-        int32_t best = -1;
-        float best_logit = -INFINITY;
-        for (int32_t t = 0; t < impl_->n_vocab; ++t) {  // first maximum, as llama.cpp's greedy sampler
-            if (!impl_->banned[t] && logits[t] > best_logit) {
-                best_logit = logits[t];
-                best = t;
-            }
-        }
+        const int32_t best = compat::greedy_token(llama_get_logits_ith(ctx, idx), impl_->n_vocab, impl_->banned.data());
         if (best < 0) {
             throw EngineError("the model produced no finite logit (NaN weights?)");
         }
