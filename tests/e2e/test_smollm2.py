@@ -66,10 +66,11 @@ def test_greedy_output_equals_the_engines_own_tool(smollm2: Llama, smollm2_path:
 
 # ik_llama.cpp has one KV cache that all sequences share: a batched sequence's cells sit among the
 # others', which changes the summation order in attention, and the 8-bit activation quantization
-# amplifies those last-bit differences (as llama.cpp's own kv_unified=True does; measured here:
-# top-2 logprob gaps up to about 0.2 flip). llama.cpp's per-sequence caches are exact
-# on the CPU.
-NEAR_TIE = 0.35
+# amplifies those last-bit differences (as llama.cpp's own kv_unified=True does). Measured: top-2
+# logprob gaps up to about 0.2 flipped on an AMD EPYC (AVX2), up to 0.40 on an Intel Xeon (AVX-512:
+# prompt 2 at token 15 in two runs of four, at 0.06-0.29 in the others). llama.cpp's per-sequence
+# caches are exact on the CPU.
+NEAR_TIE = 0.5
 # On a GPU the kernels depend on how many rows a product has (llama.cpp's CUDA backend: one kernel up
 # to 8 rows with 8-bit activations, others beyond), so a prompt computed alone, in a batch or from a
 # reused prefix gives other last bits, as in llama.cpp's own server. Measured on an H100 (CUDA 13.0,
