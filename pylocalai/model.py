@@ -21,7 +21,7 @@ import numpy as np
 import trio
 
 from pylocalai.engine import ik_options
-from pylocalai.engine.backend import engine_key, load_engine, map_engine_errors
+from pylocalai.engine.backend import engine_key, has_gpu, load_engine, map_engine_errors
 from pylocalai.engine.chat import ChatPlan, parse_answer, plan_chat
 from pylocalai.engine.media import (
     MediaRef,
@@ -49,7 +49,6 @@ from pylocalai.errors import (
     PylocalaiError,
 )
 
-HOST_BACKENDS = frozenset({"CPU", "RPC", "BLAS"})  # ggml backends that are not a GPU (RPC: see rpc_servers)
 _FLASH_ATTN = {"auto": -1, "off": 0, "on": 1, False: 0, True: 1, -1: -1}  # 0 and 1 equal False and True
 _SAMPLING_FIELDS = frozenset(SamplingParams.__dataclass_fields__)
 
@@ -197,7 +196,7 @@ class Llama:
         _check_rpc_servers(rpc_servers or [])
         self._engine = load_engine(backend)
         ik_model, ik_context = ik_options.split(engine_key(backend), engine_options,
-                                                has_gpu=bool(set(self._engine.backends()) - HOST_BACKENDS))
+                                                has_gpu=has_gpu(self._engine))
         self.model_path = path
         self._chat_template = chat_template or ""
         model_params = {
@@ -297,7 +296,7 @@ class Llama:
         """Whether layers run on a GPU: the engine was built with a GPU backend (CUDA, HIP, Vulkan, ...)
         and n_gpu_layers is not 0. There, results depend a little on how many rows the kernels compute
         at once (batching, prefix reuse), as they do in llama.cpp's own server; on the CPU they do not."""
-        return bool(set(self._engine.backends()) - HOST_BACKENDS) and self._model_params["n_gpu_layers"] != 0
+        return has_gpu(self._engine) and self._model_params["n_gpu_layers"] != 0
 
     @property
     def n_ctx(self) -> int:

@@ -46,6 +46,14 @@ def load_engine(backend: str | None = None) -> ModuleType:
         raise EngineUnavailableError(f"the {key} engine cannot run here: {exc}") from exc
 
 
+HOST_BACKENDS = frozenset({"CPU", "RPC", "BLAS"})  # ggml backends that are not a GPU (RPC: see rpc_servers)
+
+
+def has_gpu(engine: ModuleType) -> bool:
+    """Whether an engine module was built with a GPU backend (CUDA, HIP, Vulkan, ...)."""
+    return bool(set(engine.backends()) - HOST_BACKENDS)
+
+
 def available_engines() -> list[str]:
     out = []
     for key in sorted(set(BACKENDS.values())):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from pylocalai import Llama
+from pylocalai.engine.backend import has_gpu, load_engine
 
 pytestmark = pytest.mark.engine
 
@@ -33,19 +34,12 @@ def fresh(path: Path, prompt: list[int], n: int = 4) -> Any:
         return m.complete(prompt, max_tokens=n, logprobs=5, **GREEDY)
 
 
-def on_gpu() -> bool:
-    from pylocalai.engine.backend import load_engine
-    from pylocalai.model import HOST_BACKENDS
-
-    return bool(set(load_engine("llama-cpp").backends()) - HOST_BACKENDS)
-
-
 def same_answer(a: Any, b: Any) -> None:
     """a is b's greedy answer. On the CPU: the same tokens, logprobs equal to float noise. On a GPU the
     kernels change with the number of rows computed at once (logprobs 1.1e-3 apart measured on an H100,
     CUDA 13.0), so logprobs agree to 1e-2 and the tokens up to a first one where b's top two are that
     close (this random-weight model has near-ties), past which nothing more can be compared."""
-    gpu = on_gpu()
+    gpu = has_gpu(load_engine("llama-cpp"))
     tol = 1e-2 if gpu else 1e-3
     if not gpu:
         assert a.tokens == b.tokens
