@@ -141,8 +141,8 @@ class Llama:
     from a checkpoint saved at the end of a prompt chunk (n_batch tokens apart; n_ctx_checkpoints
     per slot, 0 = none) or, without one, is computed again.
 
-    cache_ram (MiB; -1 without a limit, 0 off): before a slot moves on to an unrelated prompt, its
-    whole memory is saved in host RAM, and a later prompt that shares more with a saved state than
+    cache_ram (MiB; -1 without a limit, 0 off): before a slot moves on to a prompt that keeps less
+    than half of its memory, that memory is saved in host RAM, and a later prompt that shares more with a saved state than
     with any slot gets that state back instead of computing those tokens again.
     """
 

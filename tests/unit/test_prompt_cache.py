@@ -46,6 +46,21 @@ def test_a_replaced_slot_comes_back_from_ram(backend: str, tiny_llama: Path) -> 
     assert out.tokens == fresh(tiny_llama, [*A, *TAIL], backend=backend)
 
 
+def test_a_prompt_keeping_most_of_the_slot_saves_nothing(backend: str, tiny_llama: Path) -> None:
+    """Another question after the same long prefix keeps the larger part of the slot: like
+    llama-server, the slot's memory is saved only when a prompt keeps less than half of it, not for a
+    tail that is cheap to compute again (a save copies the whole memory, in the request's path)."""
+    question1, question2 = tokens(41)[1:], tokens(41)[1:]  # 40 tokens each, discarded with the answer
+    with Llama(tiny_llama, **params(backend, cache_ram=64)) as m:
+        m.complete([*A, *question1], max_tokens=8, **GREEDY)
+        out = m.complete([*A, *question2], max_tokens=6, **GREEDY)  # keeps 200 of 248: no save
+        assert out.usage.cached_tokens == len(A)
+        assert m.scheduler.stats.ram_saved == 0
+        m.complete([*B, *question1], max_tokens=6, **GREEDY)  # keeps only BOS: the slot is saved
+        assert m.scheduler.stats.ram_saved == 1
+    assert out.tokens == fresh(tiny_llama, [*A, *question2], backend=backend)
+
+
 def test_without_cache_ram_the_prompt_is_computed_again(engine: Any, tiny_llama: Path) -> None:
     with Llama(tiny_llama, **params(cache_ram=0)) as m:
         m.complete(A, max_tokens=8, **GREEDY)
