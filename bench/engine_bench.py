@@ -10,8 +10,8 @@ threads:
 Runs alternate llama-bench / pylocalai, and the engines alternate repeat by repeat (A B, then B A);
 each figure is the median over repeats with min-max, and the ratios pylocalai / the fork's
 llama-bench are reported, plus pylocalai's ik_llama.cpp engine / its llama.cpp engine. Settings are the same on both sides of each ratio:
-ik_llama.cpp runs without flash attention (pylocalai's default there, since ik's flash attention
-aborts once two sequences share the cache), so its llama-bench is given -fa 0 too.
+both engines run with flash attention, each fork's default (ik's kernel takes several sequences in
+one cache since pylocalai's patch 0005), and its tools are given the same setting.
 Results go to a JSON file and a table on stdout.
 
   python bench/engine_bench.py --model default --model gemma3-270m --threads 2 --repeats 3
@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 ENGINES = {"llama_cpp": "llama-cpp", "ik_llama_cpp": "ik-llama-cpp"}  # module -> backend name
 # the context settings pylocalai uses per engine, given to that fork's llama-bench as well
-FLASH_ATTN = {"llama_cpp": "auto", "ik_llama_cpp": "off"}
-BENCH_ARGS = {"llama_cpp": [], "ik_llama_cpp": ["-fa", "0"]}
+FLASH_ATTN = {"llama_cpp": "auto", "ik_llama_cpp": "on"}  # ik's "auto" is on too
+BENCH_ARGS = {"llama_cpp": [], "ik_llama_cpp": ["-fa", "1"]}
 
 
 def tool_path(engine: str, name: str) -> Path:

@@ -232,7 +232,7 @@ class Llama:
         with map_engine_errors("model_path"):
             self._model = self._engine.Model(path, model_params)
         self.info: dict[str, Any] = dict(self._model.info)
-        ik_options.check_model(engine_options, self.info)
+        ik_options.check_model(engine_options, self.info, flash_attn=_FLASH_ATTN[flash_attn] != 0)
         _check_cache_types(self.info, cache_type_k, cache_type_v)
         with map_engine_errors():
             self._session = self._engine.Session(self._model, self._ctx_params)

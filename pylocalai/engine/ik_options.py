@@ -167,9 +167,13 @@ def check_load(model_knobs: Mapping[str, Any], model_params: dict[str, Any], fil
                 f"{file_size // 2**20} MiB model; reserve more with sysctl vm.nr_hugepages", param="use_thp")
 
 
-def check_model(knobs: Mapping[str, Any], info: Mapping[str, Any]) -> None:
+def check_model(knobs: Mapping[str, Any], info: Mapping[str, Any], *, flash_attn: bool = False) -> None:
     """Knobs that the loaded model cannot use: a clear error rather than silently nothing."""
     arch = str(info.get("architecture", ""))
+    if knobs.get("attn_max_batch") and flash_attn and arch not in MLA_ARCHITECTURES:
+        # ik splits the K*Q product of its plain attention, which flash attention never forms
+        raise InvalidRequestError("attn_max_batch splits attention computed without flash attention: set "
+                                  "flash_attention off to use it (or use it with an MLA model)", param="attn_max_batch")
     for name in ("mla", "mla_attn"):
         if knobs.get(name) and arch not in MLA_ARCHITECTURES:
             raise InvalidRequestError(f"{name} applies to models with multi-head latent attention "

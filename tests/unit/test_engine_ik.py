@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -115,9 +116,12 @@ def test_attn_max_batch_splits_the_attention(ik_engine: Any, tmp_path: Path) -> 
     # ik splits plain multi-head attention only (K, V and Q with the same head count)
     mha = ggufgen.write_tiny_llama(tmp_path / "tiny-mha.gguf", dtype="q8_0", n_head=4, n_head_kv=4)
     long_prompt = PROMPT * 12  # a K*Q product of 4 heads x 512 x ~600 floats: about 4 MiB
-    whole = ops_of(ik_engine, mha, prompt=long_prompt, max_tokens=1, n_ctx=1024)
-    split = ops_of(ik_engine, mha, prompt=long_prompt, max_tokens=1, n_ctx=1024, attn_max_batch=1)
+    whole = ops_of(ik_engine, mha, prompt=long_prompt, max_tokens=1, n_ctx=1024, flash_attn="off")
+    split = ops_of(ik_engine, mha, prompt=long_prompt, max_tokens=1, n_ctx=1024, flash_attn="off", attn_max_batch=1)
     assert split["SOFT_MAX"] > whole["SOFT_MAX"]
+    # flash attention (ik's default) forms no K*Q product to split: a clear error, not silently nothing
+    with pytest.raises(InvalidRequestError, match="attn_max_batch splits attention computed without flash"):
+        Llama(mha, backend=IK, n_ctx=256, attn_max_batch=1)
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +258,7 @@ def test_yaml_options_reach_the_engine(ik_engine: Any, tiny_q8: Path, tmp_path: 
 
     (tmp_path / "m.gguf").symlink_to(tiny_q8)
     (tmp_path / "m.yaml").write_text("name: m\nbackend: ik-llama\nparameters: {model: m.gguf}\n"
-                                     "options: [rtr, 'fug:false', 'amb:64']\n")
+                                     "options: [rtr, 'fug:false', 'amb:64']\nflash_attention: off\n")
     catalog = load_catalog(tmp_path)
     assert catalog.errors == []
     registry = ModelRegistry(catalog, EngineDefaults(threads=2, context_size=256, parallel=1))
@@ -305,12 +309,52 @@ def test_a_cpu_without_avx2_gets_a_clear_error_not_a_crash(ik_engine: Any, tiny_
     assert "llama.cpp 2" in lines  # the process lives on and serves with the llama.cpp engine
 
 
-def test_settings_that_would_abort_ik_are_refused(ik_engine: Any, tiny_q8: Path, tiny_q8_wide: Path) -> None:
-    # ik's flash attention asserts once a second sequence shares the cache: refused before it can end the process
-    with pytest.raises(InvalidRequestError, match=r"flash_attn with more than one sequence \(n_seq_max > 1\) aborts"):
-        Llama(tiny_q8, backend=IK, n_ctx=256, n_parallel=2, flash_attn="on")
+def test_a_quantized_v_cache_needs_flash_attention(ik_engine: Any, tiny_q8_wide: Path) -> None:
+    # ik stores V transposed without flash attention, which a quantized V cannot be
     with pytest.raises(InvalidRequestError, match="a quantized V cache needs flash attention"):
-        Llama(tiny_q8_wide, backend=IK, n_ctx=256, n_parallel=2, cache_type_v="q8_0")
-    # the allowed combination: one sequence, flash attention on, quantized V
-    with Llama(tiny_q8_wide, backend=IK, n_ctx=256, n_parallel=1, n_threads=2, flash_attn="on", cache_type_v="q8_0") as llm:
+        Llama(tiny_q8_wide, backend=IK, n_ctx=256, n_parallel=2, cache_type_v="q8_0", flash_attn="off")
+    # flash attention is ik's default, with any number of sequences (patch 0005)
+    with Llama(tiny_q8_wide, backend=IK, n_ctx=256, n_parallel=2, n_threads=2, cache_type_v="q8_0") as llm:
         assert llm.complete("Hi", max_tokens=3, ignore_eos=True).usage.completion_tokens == 3
+
+
+@pytest.fixture(scope="module")
+def tiny_head64(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Heads of 64 values, which ik's own flash-attention kernels (iqk) take; the 16-value heads of the
+    other tiny models go to ggml's generic kernel instead."""
+    return ggufgen.write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny-head64.gguf", dtype="q8_0",
+                                    n_embd=128, n_head=2, n_head_kv=1)
+
+
+def test_flash_attention_with_sequences_sharing_the_cache(ik_engine: Any, tiny_head64: Path) -> None:
+    """ik's flash-attention kernel took the keys a block of query rows visits from the block's last
+    row alone, and from the first key of each key block. With several sequences in ik's one cache a
+    row's keys can lie past that row's, or start inside a block: they were dropped, and a row left
+    with none ended the process on GGML_ASSERT(S > 0) (a server's second request did it, landing in
+    another slot). Patch 0005 checks every row. Prompts processed side by side, and each after other
+    slots were filled, now give the answers of a model holding only that sequence."""
+    rng = np.random.default_rng(5)
+    prompts = [[1, *(int(t) for t in rng.integers(300, 20000, n))] for n in (150, 40, 97, 260)]
+    kw: dict[str, Any] = {"n_ctx": 2048, "n_batch": 512, "n_ubatch": 512, "n_threads": 2, "flash_attn": "on"}
+    greedy: dict[str, Any] = {"max_tokens": 12, "temperature": 0.0, "ignore_eos": True}
+    with Llama(tiny_head64, backend=IK, n_parallel=1, **kw) as one:
+        alone = [one.complete(p, **greedy).tokens for p in prompts]
+    with Llama(tiny_head64, backend=IK, n_parallel=4, **kw) as llm:
+        # one after another: each lands in a slot beside the cached ones (the server's crash)
+        assert [llm.complete(p, **greedy).tokens for p in prompts] == alone
+        assert llm.worker.call(llm.scheduler.drop_idle_caches)  # then all four prompts prefill in one batch
+        results: dict[int, tuple[int, ...]] = {}
+        barrier = threading.Barrier(len(prompts))
+
+        def work(i: int) -> None:
+            barrier.wait()
+            results[i] = llm.complete([*prompts[i], 7], **greedy).tokens
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert llm.scheduler.stats.max_seqs_per_step >= 2
+    with Llama(tiny_head64, backend=IK, n_parallel=1, **kw) as one:
+        assert [results[i] for i in range(len(prompts))] == [one.complete([*p, 7], **greedy).tokens for p in prompts]
