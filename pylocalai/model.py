@@ -142,8 +142,9 @@ class Llama:
     per slot, 0 = none) or, without one, is computed again.
 
     cache_ram (MiB; -1 without a limit, 0 off): before a slot moves on to a prompt that keeps less
-    than half of its memory, that memory is saved in host RAM, and a later prompt that shares more with a saved state than
-    with any slot gets that state back instead of computing those tokens again.
+    than half of its memory, that memory is saved in host RAM, and a later prompt that shares more
+    with a saved state than with any slot gets that state back instead of computing those tokens
+    again.
     """
 
     def __init__(

@@ -7,8 +7,8 @@ reuses the longest common prefix of an idle slot's cache. The direct Python API 
 worker drive this same class.
 
 With a host-RAM prompt cache (cache_ram), the whole memory of a slot that moves on to an unrelated
-prompt (one that keeps less than half of it) is saved first, and a later prompt that shares more with a saved state than with any slot
-gets that state back (as llama-server's --cache-ram does).
+prompt (one that keeps less than half of it) is saved first, and a later prompt that shares more
+with a saved state than with any slot gets that state back (as llama-server's --cache-ram does).
 
 Some memory cannot simply be cut back to a prefix: sliding-window layers (Gemma 3, ...) drop the
 positions that fall out of their window, and recurrent state holds only the end of the sequence.
