@@ -9,7 +9,7 @@ threads:
   beside the fork's own llama-batched-bench decoding the same number of sequences (its S_TG).
 Runs alternate llama-bench / pylocalai, and the engines alternate repeat by repeat (A B, then B A);
 each figure is the median over repeats with min-max, and the ratios pylocalai / the fork's
-llama-bench are reported, plus pylocalai's ik_llama.cpp engine / its llama.cpp engine. Settings are the same on both sides of each ratio:
+llama-bench are reported (of the medians, and paired: the median of each repeat's own ratio), plus pylocalai's ik_llama.cpp engine / its llama.cpp engine. Settings are the same on both sides of each ratio:
 both engines run with flash attention, each fork's default (ik's kernel takes several sequences in
 one cache since pylocalai's patch 0005), and its tools are given the same setting.
 Results go to a JSON file and a table on stdout.
@@ -160,8 +160,9 @@ def clean(llm: Any) -> None:
     llm.worker.call(llm.scheduler.drop_idle_caches)
 
 
-def summary(values: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+def summary(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values),
+            "values": list(values)}
 
 
 class EngineRun:
@@ -236,6 +237,10 @@ class EngineRun:
                for c in self.concurrency},
             **{f"aggregate_{c}_vs_batched_bench": ours["aggregate"][str(c)]["median"] / batched[str(c)]["median"]
                for c in self.concurrency},
+            # each repeat's pylocalai figure over the llama-bench figure measured just before it: on a
+            # machine whose speed drifts, the median of these pairs is steadier than a ratio of medians
+            "pp_paired": statistics.median(a / b for a, b in zip(self.our_pp, self.ref_pp, strict=True)),
+            "tg_paired": statistics.median(a / b for a, b in zip(self.our_tg, self.ref_tg, strict=True)),
             # the fork's own batching gain, the ceiling the engine's kernels allow on this machine
             **{f"batched_bench_{c}_vs_1": batched[str(c)]["median"] / batched["1"]["median"]
                for c in self.concurrency if "1" in batched},
@@ -305,15 +310,16 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(doc, indent=2))
     print(f"\nthreads={args.threads}; median (min-max) of {args.repeats} alternating runs; tok/s")
     print("| model | engine | llama-bench pp | pylocalai pp | ratio | llama-bench tg | pylocalai tg | ratio | "
-          + " | ".join(f"agg x{c}" for c in args.concurrency) + " | agg x4 / single |")
-    print("|---" * (8 + len(args.concurrency) + 1) + "|")
+          + " | ".join(f"agg x{c}" for c in args.concurrency) + " | agg x4 / single | paired pp / tg |")
+    print("|---" * (8 + len(args.concurrency) + 2) + "|")
     for res in results:
         for engine, r in res["engines"].items():
             a = r["pylocalai"]["aggregate"]
             print(f"| {res['model']} | {engine} | {fmt(r['llama_bench']['pp'])} | {fmt(r['pylocalai']['pp'])} | "
                   f"{r['ratios']['pp']:.3f} | {fmt(r['llama_bench']['tg'])} | {fmt(r['pylocalai']['tg'])} | "
                   f"{r['ratios']['tg']:.3f} | " + " | ".join(fmt(a[str(c)]) for c in args.concurrency)
-                  + f" | {r['ratios'].get('aggregate_4_vs_single', float('nan')):.2f} |")
+                  + f" | {r['ratios'].get('aggregate_4_vs_single', float('nan')):.2f} | "
+                  f"{r['ratios']['pp_paired']:.3f} / {r['ratios']['tg_paired']:.3f} |")
     print("\nAggregate decode (continuous batching) vs the fork's own llama-batched-bench (S_TG), same sequences:")
     print("| model | engine | " + " | ".join(f"batched-bench x{c}" for c in args.concurrency)
           + " | " + " | ".join(f"pylocalai / batched-bench x{c}" for c in args.concurrency) + " | batched-bench x4 / x1 |")
