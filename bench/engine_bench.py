@@ -9,8 +9,9 @@ threads:
   beside the fork's own llama-batched-bench decoding the same number of sequences (its S_TG).
 Runs alternate llama-bench / pylocalai, and the engines alternate repeat by repeat (A B, then B A);
 each figure is the median over repeats with min-max, and the ratios pylocalai / the fork's
-llama-bench are reported (of the medians, and paired: the median of each repeat's own ratio), plus pylocalai's ik_llama.cpp engine / its llama.cpp engine. Settings are the same on both sides of each ratio:
-both engines run with flash attention, each fork's default (ik's kernel takes several sequences in
+llama-bench are reported (of the medians, and paired: the median of each repeat's own ratio), plus
+pylocalai's ik_llama.cpp engine / its llama.cpp engine. Settings are the same on both sides of each
+ratio: both engines run with flash attention, each fork's default (ik's kernel takes several sequences in
 one cache since pylocalai's patch 0005), and its tools are given the same setting.
 Results go to a JSON file and a table on stdout.
 
