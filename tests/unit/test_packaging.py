@@ -47,6 +47,42 @@ def test_both_engines_run_in_one_process(engine: Any, ik_engine: Any, tiny_llama
     assert "AVX2" in ik_engine.system_info() or "NEON" in ik_engine.system_info()
 
 
+def _openmp_settings(key: str, **env: str) -> dict[str, str]:
+    """libgomp's settings as a process sees them after importing the engine `key` (its own report:
+    what it read from the environment when it loaded), with only `env` of the OpenMP variables set."""
+    code = (f"import ctypes, sys, pylocalai._engines.{key}\n"
+            "if 'libgomp' not in open('/proc/self/maps').read(): sys.exit(3)\n"
+            "ctypes.CDLL('libgomp.so.1').omp_display_env(1)\n")
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**clean, **env}, timeout=120)
+    if proc.returncode == 3:
+        pytest.skip(f"the {key} engine is built without OpenMP (GGML_OPENMP=OFF)")
+    assert proc.returncode == 0, proc.stderr
+    settings = {}
+    for line in proc.stderr.splitlines():
+        name, sep, value = line.strip().partition(" = ")
+        if sep:
+            settings[name] = value.strip("'")
+    return settings
+
+
+@pytest.mark.engine
+def test_openmp_threads_keep_spinning_when_threads_outnumber_cpus(backend: str) -> None:
+    # Without these, libgomp's barriers sleep at once when a second thread has computed (an
+    # embedding, a second model) and decode runs about three times slower (pylocalai/_engines).
+    settings = _openmp_settings(engine_key(backend))
+    assert settings["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert settings["GOMP_SPINCOUNT"] == "300000"  # libgomp's usual spin: idle threads still go to sleep
+
+
+@pytest.mark.engine
+def test_an_openmp_wait_policy_the_user_set_wins(engine: Any) -> None:
+    settings = _openmp_settings("llama_cpp", OMP_WAIT_POLICY="passive")
+    assert settings["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert settings["GOMP_SPINCOUNT"] == "0"  # passive's own: no default of ours on top
+    assert _openmp_settings("llama_cpp", GOMP_SPINCOUNT="5000")["GOMP_SPINCOUNT"] == "5000"
+
+
 @pytest.mark.engine
 def test_rpc_backend_and_cpu_features_are_built_in(engine: Any) -> None:
     assert "AVX" in engine.system_info() or "NEON" in engine.system_info()
