@@ -82,7 +82,6 @@ def ours_single(llm: Any, rng: np.random.Generator, n_prompt: int, n_gen: int, r
     length. Like llama-bench, each figure is the mean rate over `reps` repetitions."""
     n_vocab = llm.info["n_vocab"]
     pps: list[float] = []
-    tgs: list[float] = []
     for _ in range(reps):
         # prefill: a prompt no slot has cached, one sampled token
         prompt = [int(t) for t in rng.integers(100, n_vocab - 100, size=n_prompt)]
