@@ -23,6 +23,7 @@ import trio
 from pylocalai.engine import ik_options
 from pylocalai.engine.backend import engine_key, has_gpu, load_engine, map_engine_errors
 from pylocalai.engine.chat import ChatPlan, parse_answer, plan_chat
+from pylocalai.engine.cpus import default_threads
 from pylocalai.engine.media import (
     MediaRef,
     message_media,
@@ -116,7 +117,8 @@ class Llama:
     """A loaded model with its own engine thread.
 
     Parameters follow llama.cpp's names: n_ctx (0 = the model's training context), n_batch,
-    n_ubatch, n_threads / n_threads_batch (default: all cores), n_parallel (slots decoded together),
+    n_ubatch, n_threads / n_threads_batch (default: the physical cores this process may use, within
+    its container's CPU quota; see engine/cpus.py), n_parallel (slots decoded together),
     flash_attn ("auto" | "on" | "off"), cache_type_k / cache_type_v ("f16", "q8_0", ...),
     kv_unified, swa_full, n_gpu_layers (-1 = all), main_gpu, tensor_split, use_mmap, use_mlock,
     check_tensors, rope_freq_base, rope_freq_scale, rpc_servers, backend ("llama-cpp" or
@@ -196,6 +198,10 @@ class Llama:
             raise InvalidRequestError("n_parallel must be at least 1", param="n_parallel")
         _check_rpc_servers(rpc_servers or [])
         self._engine = load_engine(backend)
+        if n_threads is None or n_threads <= 0:
+            n_threads = default_threads()
+        if n_threads_batch is None or n_threads_batch <= 0:
+            n_threads_batch = n_threads
         ik_model, ik_context = ik_options.split(engine_key(backend), engine_options,
                                                 has_gpu=has_gpu(self._engine))
         self.model_path = path
@@ -217,8 +223,8 @@ class Llama:
             "n_batch": n_batch,
             "n_ubatch": n_ubatch,
             "n_seq_max": n_parallel,
-            "n_threads": n_threads or -1,
-            "n_threads_batch": n_threads_batch or n_threads or -1,
+            "n_threads": n_threads,
+            "n_threads_batch": n_threads_batch,
             "flash_attn": _FLASH_ATTN[flash_attn],
             "type_k": cache_type_k,
             "type_v": cache_type_v,
@@ -302,6 +308,11 @@ class Llama:
     @property
     def n_ctx(self) -> int:
         return int(self._session.n_ctx)
+
+    @property
+    def n_threads(self) -> tuple[int, int]:
+        """(threads for decode, threads for prompt batches) the context computes with."""
+        return int(self._ctx_params["n_threads"]), int(self._ctx_params["n_threads_batch"])
 
     @property
     def n_ctx_seq(self) -> int:
