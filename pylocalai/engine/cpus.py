@@ -35,18 +35,16 @@ def _allowed_cpus() -> list[int]:
 
 
 def physical_cores(cpus: Iterable[int], root: Path = Path("/")) -> int:
-    """Distinct cores among `cpus`, by the kernel's topology (one per set of SMT siblings); the
-    number of CPUs where the topology cannot be read."""
+    """Distinct cores among `cpus`: one per set of SMT siblings the kernel lists (as llama.cpp counts
+    physical cores); the number of CPUs where that list cannot be read."""
     cpus = list(cpus)
-    cores: set[tuple[str, str]] = set()
+    cores: set[str] = set()
     for cpu in cpus:
-        topo = root / "sys" / "devices" / "system" / "cpu" / f"cpu{cpu}" / "topology"
+        siblings = root / "sys" / "devices" / "system" / "cpu" / f"cpu{cpu}" / "topology" / "thread_siblings_list"
         try:
-            package = (topo / "physical_package_id").read_text().strip()
-            core = (topo / "core_id").read_text().strip()
+            cores.add(siblings.read_text().strip())
         except OSError:
             return len(cpus)
-        cores.add((package, core))
     return len(cores) or len(cpus)
 
 

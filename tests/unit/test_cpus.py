@@ -11,13 +11,12 @@ from pylocalai.engine import cpus
 from pylocalai.engine.cpus import cgroup_cpu_limit, default_threads, physical_cores
 
 
-def _topology(root: Path, layout: dict[int, tuple[int, int]]) -> None:
-    """cpu -> (package, core) in a fake /sys."""
-    for cpu, (package, core) in layout.items():
+def _topology(root: Path, siblings: dict[int, str]) -> None:
+    """cpu -> its thread_siblings_list, in a fake /sys."""
+    for cpu, text in siblings.items():
         topo = root / "sys" / "devices" / "system" / "cpu" / f"cpu{cpu}" / "topology"
         topo.mkdir(parents=True)
-        (topo / "physical_package_id").write_text(f"{package}\n")
-        (topo / "core_id").write_text(f"{core}\n")
+        (topo / "thread_siblings_list").write_text(f"{text}\n")
 
 
 def _write(root: Path, rel: str, text: str) -> None:
@@ -26,7 +25,7 @@ def _write(root: Path, rel: str, text: str) -> None:
     path.write_text(text)
 
 
-SMT_4X2 = {0: (0, 0), 1: (0, 1), 2: (0, 2), 3: (0, 3), 4: (0, 0), 5: (0, 1), 6: (0, 2), 7: (0, 3)}
+SMT_4X2 = {0: "0,4", 1: "1,5", 2: "2,6", 3: "3,7", 4: "0,4", 5: "1,5", 6: "2,6", 7: "3,7"}  # 4 cores, 2 threads each
 
 
 def test_siblings_of_one_core_count_once(tmp_path: Path) -> None:
@@ -36,9 +35,9 @@ def test_siblings_of_one_core_count_once(tmp_path: Path) -> None:
     assert physical_cores([0, 1, 4], tmp_path) == 2
 
 
-def test_cores_of_two_packages_are_distinct(tmp_path: Path) -> None:
-    _topology(tmp_path, {0: (0, 0), 1: (1, 0)})  # same core id, different sockets
-    assert physical_cores([0, 1], tmp_path) == 2
+def test_cpus_without_siblings_are_cores_each(tmp_path: Path) -> None:
+    _topology(tmp_path, {0: "0", 1: "1", 2: "2-3", 3: "2-3"})
+    assert physical_cores([0, 1, 2, 3], tmp_path) == 3
 
 
 def test_without_a_readable_topology_every_cpu_counts(tmp_path: Path) -> None:
