@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import trio
 
+from pylocalai._engines import release_openmp_team
 from pylocalai.engine import ik_options
 from pylocalai.engine.backend import engine_key, has_gpu, load_engine, map_engine_errors
 from pylocalai.engine.chat import ChatPlan, parse_answer, plan_chat
@@ -264,6 +265,7 @@ class Llama:
             self._warm_up()
         self._embed_session: Any = None
         self._embed_lock = threading.Lock()
+        release_openmp_team()  # in case loading computed on this thread (a projector's warm-up)
 
     def _load_projector(self, path: str, *, use_gpu: bool, n_threads: int | None, image_min_tokens: int,
                         image_max_tokens: int) -> Any:
@@ -588,9 +590,12 @@ class Llama:
                     raise ContextLengthError(f"input {i} has {len(toks)} tokens, but embeddings take at most {limit}",
                                              param="input")
             rows = []
-            for toks in token_lists:
-                with map_engine_errors("input"):
-                    rows.append(np.asarray(self._embed_session.embed(np.asarray(toks, dtype=np.int32), normalize)))
+            try:
+                for toks in token_lists:
+                    with map_engine_errors("input"):
+                        rows.append(np.asarray(self._embed_session.embed(np.asarray(toks, dtype=np.int32), normalize)))
+            finally:
+                release_openmp_team()  # this caller's thread computed: its OpenMP team goes (see _engines)
         return np.stack(rows)
 
     async def aembed(self, texts: str | Sequence[str] | Sequence[Sequence[int]], *, normalize: bool = True) -> np.ndarray:

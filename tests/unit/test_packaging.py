@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,44 @@ def test_an_openmp_wait_policy_the_user_set_wins(engine: Any) -> None:
     assert settings["OMP_WAIT_POLICY"] == "PASSIVE"
     assert settings["GOMP_SPINCOUNT"] == "0"  # passive's own: no default of ours on top
     assert _openmp_settings("llama_cpp", GOMP_SPINCOUNT="5000")["GOMP_SPINCOUNT"] == "5000"
+
+
+def _threads_now() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.engine
+def test_a_thread_that_computed_an_embedding_keeps_no_openmp_workers(engine: Any, tiny_llama: Path) -> None:
+    # libgomp keeps a team of workers for every thread that computed; one beyond the engine thread's
+    # made the process hold more OpenMP threads than CPUs, which shortens every barrier's spin
+    if "libgomp" not in Path("/proc/self/maps").read_text():
+        pytest.skip("the engine is built without OpenMP (GGML_OPENMP=OFF)")
+    from pylocalai import Llama
+
+    with Llama(tiny_llama, n_ctx=256, n_parallel=1, n_threads=2) as llm:
+        llm.complete("Hello", max_tokens=2, temperature=0.0)  # the engine thread's team exists now
+        before = _threads_now()
+        seen: dict[str, Any] = {}
+        computed, finish = threading.Event(), threading.Event()
+
+        def other() -> None:
+            try:
+                seen["vector"] = llm.embed("an embedding computed on this thread")
+                seen["threads"] = _threads_now()
+            finally:
+                computed.set()
+                finish.wait(60)
+
+        t = threading.Thread(target=other)
+        t.start()
+        try:
+            assert computed.wait(60)
+            assert seen["vector"].shape == (1, llm.info["n_embd"])
+            assert seen["threads"] == before + 1  # the thread itself, none of its 2-thread team's workers
+        finally:
+            finish.set()
+            t.join()
+        assert llm.complete("Hello", max_tokens=2, temperature=0.0).usage.completion_tokens == 2
 
 
 @pytest.mark.engine
