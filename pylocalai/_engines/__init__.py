@@ -72,8 +72,7 @@ def release_openmp_team() -> None:
     """Let the worker threads that OpenMP keeps for the calling thread go (it starts them again the
     next time this thread computes). For threads that compute now and then, beside an engine thread
     that decodes: while their teams live the process has more OpenMP threads than CPUs, and every
-    barrier spins 1,000 rounds instead of 300,000 (2-3 % of decode on 2 cores). Frees nothing of
-    any other thread's team. A no-op where no engine has loaded libgomp."""
+    barrier spins 1,000 rounds instead of 300,000. Frees nothing of any other thread's team. A no-op where no engine has loaded libgomp."""
     gomp = _loaded_libgomp()
     if gomp is not None:
         gomp.omp_pause_resource_all(_OMP_PAUSE_SOFT)
