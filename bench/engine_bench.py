@@ -8,7 +8,8 @@ threads:
 - aggregate decode tok/s of pylocalai with 1, 4 and 8 concurrent sequences (continuous batching),
   beside the fork's own llama-batched-bench decoding the same number of sequences (its S_TG),
 - single-stream decode again once another (live) thread has computed an embedding, as a ratio to
-  plain decode: ~1 since pylocalai sets libgomp's wait policy (about 0.35 before, see pylocalai/_engines).
+  plain decode: ~1 since pylocalai sets libgomp's wait policy and lets such a thread's OpenMP team
+  go (about 0.33 before; see pylocalai/_engines).
 Runs alternate llama-bench / pylocalai, and the engines alternate repeat by repeat (A B, then B A);
 each figure is the median over repeats with min-max, and the ratios pylocalai / the fork's
 llama-bench are reported (of the medians, and paired: the median of each repeat's own ratio), plus
@@ -109,9 +110,9 @@ def ours_decode(llm: Any, rng: np.random.Generator, n_gen: int, reps: int = LLAM
 
 def ours_decode_beside_another_thread(llm: Any, rng: np.random.Generator, n_gen: int) -> float:
     """Single-stream decode while another live thread has computed too (an embedding run from the
-    caller's thread, as the server's embeddings route and a second model do): each thread that runs
-    a graph keeps its own OpenMP team, and libgomp's barriers then stopped spinning (see
-    pylocalai/_engines). The thread ends after, so the other measurements see one team."""
+    caller's thread, as the server's embeddings route does): a thread that runs a graph gets an
+    OpenMP team of its own, and while two lived libgomp's barriers stopped spinning (see
+    pylocalai/_engines). The thread ends after, so the other measurements see it gone."""
     computed, done = threading.Event(), threading.Event()
 
     def other() -> None:
