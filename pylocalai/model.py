@@ -265,7 +265,6 @@ class Llama:
             self._warm_up()
         self._embed_session: Any = None
         self._embed_lock = threading.Lock()
-        release_openmp_team()  # in case loading computed on this thread (a projector's warm-up)
 
     def _load_projector(self, path: str, *, use_gpu: bool, n_threads: int | None, image_min_tokens: int,
                         image_max_tokens: int) -> Any:
