@@ -1,9 +1,12 @@
-"""The engine thread's bridge into Trio (EngineWorker.stream_trio), on the fake session."""
+"""The engine thread's bridges into Trio (EngineWorker.stream_trio) and into plain threads
+(stream_sync), on the fake session."""
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
+import threading
 
 import pytest
 import trio
@@ -92,3 +95,80 @@ def test_a_stream_on_a_closed_worker_is_an_error_and_opens_nothing() -> None:
 
     trio.run(main)
     assert open_fds() == before
+
+
+def collect_sync(events) -> tuple[str, Finished]:  # type: ignore[no-untyped-def]
+    text = []
+    for ev in events:
+        if isinstance(ev, TextDelta):
+            text.append(ev.text)
+        else:
+            assert isinstance(ev, Finished)
+            return "".join(text), ev
+    raise AssertionError("the stream ended without Finished")
+
+
+@needs_eventfd
+@pytest.mark.skipif(sys.platform != "linux", reason="counts /proc/self/fd")
+def test_a_sync_stream_is_woken_by_the_native_step_and_its_fd_goes_with_its_thread(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from pylocalai.engine import worker as worker_mod
+
+    sched = Scheduler(FakeSession(n_seq_max=4, n_batch=64))
+    notified: list[bool] = []
+    step = sched.step
+
+    def spy(notify_fd: int = -1) -> list:
+        out = step(notify_fd)
+        notified.append(sched.notified)
+        return out
+
+    sched.step = spy  # type: ignore[method-assign]
+    python_wakes = []
+    wake = worker_mod._Waker.wake
+    monkeypatch.setattr(worker_mod._Waker, "wake", lambda self: (python_wakes.append(1), wake(self)))
+    worker = EngineWorker(sched)
+    before = open_fds()
+    results: list[tuple[str, Finished]] = []
+
+    def consume() -> None:
+        with worker.stream_sync(EngineRequest("solo", (5, 6), SamplingParams(max_tokens=6))) as events:
+            results.append(collect_sync(events))
+
+    t = threading.Thread(target=consume)
+    t.start()
+    t.join()
+    assert results == [("<7><8><9><10><11><12>", results[0][1])] and results[0][1].reason is FinishReason.LENGTH
+    # six steps, one token each: every step after the first woke the consumer from the native call
+    # (the GIL already free), and only the last event, with no step after it, was woken from Python
+    assert notified == [False] + [True] * 5
+    assert python_wakes == [1]
+    del t
+    gc.collect()
+    assert open_fds() == before  # the thread's eventfd went with it
+    worker.close()
+
+
+@needs_eventfd
+def test_sync_streams_sharing_a_thread_each_get_their_own_events() -> None:
+    worker = EngineWorker(Scheduler(FakeSession(n_seq_max=4, n_batch=64)))
+    try:
+        with worker.stream_sync(EngineRequest("a", (5, 6), SamplingParams(max_tokens=4))) as a, \
+             worker.stream_sync(EngineRequest("b", (20, 21), SamplingParams(max_tokens=3))) as b:
+            text = {"a": [], "b": []}
+            done = set()
+            while len(done) < 2:  # one event from each in turn: wake-ups meant for the other are harmless
+                for name, it in (("a", a), ("b", b)):
+                    if name in done:
+                        continue
+                    ev = next(it)
+                    if isinstance(ev, Finished):
+                        done.add(name)
+                    else:
+                        text[name].append(ev.text)
+        assert "".join(text["a"]) == "<7><8><9><10>"
+        assert "".join(text["b"]) == "<22><23><24>"
+        # and the thread's next stream starts clean, whatever wake-ups are left over
+        with worker.stream_sync(EngineRequest("c", (30,), SamplingParams(max_tokens=2))) as c:
+            assert collect_sync(c)[0] == "<31><32>"
+    finally:
+        worker.close()
