@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -418,7 +418,10 @@ class Llama:
                 yield _chunk(ev)
 
     def complete(self, prompt: str | Sequence[int], **sampling: Any) -> Completion:
-        return _collect(self.generate(prompt, **sampling))
+        """generate() to its end, as one result (handed over once: no wake-up per token)."""
+        req = self._request(prompt, sampling_from(sampling))
+        with self._worker.stream_sync(req, whole=True) as events:
+            return _collect(_chunk(ev) for ev in events)
 
     async def agenerate(self, prompt: str | Sequence[int], **sampling: Any) -> AsyncIterator[Chunk]:
         """Trio variant of generate; close it (or use contextlib.aclosing) to cancel early."""
@@ -428,7 +431,9 @@ class Llama:
                 yield _chunk(ev)
 
     async def acomplete(self, prompt: str | Sequence[int], **sampling: Any) -> Completion:
-        chunks = [c async for c in self.agenerate(prompt, **sampling)]
+        req = await trio.to_thread.run_sync(self._request, prompt, sampling_from(sampling))
+        async with self._worker.stream_trio(req, whole=True) as events:
+            chunks = [_chunk(ev) async for ev in events]
         return _collect(iter(chunks))
 
     # ------------------------------------------------------------ chat
@@ -522,7 +527,7 @@ class Llama:
         options = {"tools": tools, "tool_choice": tool_choice, "parallel_tool_calls": parallel_tool_calls,
                    "json_schema": json_schema, "enable_thinking": enable_thinking}
         req, plan = self._plan(messages, options, sampling)
-        with self._worker.stream_sync(req) as events:
+        with self._worker.stream_sync(req, whole=True) as events:
             return self._chat_result(list(events), plan)
 
     async def achat(
@@ -539,7 +544,7 @@ class Llama:
         options = {"tools": tools, "tool_choice": tool_choice, "parallel_tool_calls": parallel_tool_calls,
                    "json_schema": json_schema, "enable_thinking": enable_thinking}
         req, plan = await trio.to_thread.run_sync(self._plan, messages, options, sampling)
-        async with self._worker.stream_trio(req) as recv:
+        async with self._worker.stream_trio(req, whole=True) as recv:
             events = [ev async for ev in recv]
         return await trio.to_thread.run_sync(self._chat_result, events, plan)
 
@@ -648,7 +653,7 @@ def _check_rpc_servers(servers: Sequence[str], timeout_s: float = 5.0) -> None:
             raise EngineError(f"cannot reach RPC server {endpoint}: {exc}") from exc
 
 
-def _collect(chunks: Iterator[Chunk]) -> Completion:
+def _collect(chunks: Iterable[Chunk]) -> Completion:
     text: list[str] = []
     tokens: list[int] = []
     logprobs: list[TokenLogprob] = []

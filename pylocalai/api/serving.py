@@ -157,7 +157,7 @@ async def collect(entry: LoadedModel, req: EngineRequest) -> tuple[str, Finished
     """Run req to its end: the whole text, the finish event (an engine error is raised) and logprobs."""
     text: list[str] = []
     lps: list[TokenLogprob] = []
-    async with generation(entry, req) as events:
+    async with entry.llm.worker.stream_trio(req, whole=True) as events:  # one hand-over, no wake-up per token
         async for ev in events:
             if isinstance(ev, TextDelta):
                 text.append(ev.text)

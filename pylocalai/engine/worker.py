@@ -22,7 +22,7 @@ import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -161,6 +161,21 @@ class _SyncSink:
         self.waker.wake()
 
 
+@dataclass(frozen=True, slots=True, eq=False)
+class _Whole:
+    """A consumer that wants only the finished request (complete(), a non-streamed HTTP answer): the
+    engine thread keeps its events and hands them over once, with Finished, so nothing wakes the
+    consumer at each token (a wake-up from the engine thread costs it tens of microseconds on a VM)."""
+
+    sink: Sink
+    held: list[GenerationEvent] = field(default_factory=list)
+
+    def __call__(self, events: list[GenerationEvent]) -> None:  # called directly: same contract
+        self.held.extend(events)
+        if any(isinstance(ev, Finished) for ev in events):
+            self.sink(self.held)
+
+
 def _deliver_all(batch: list[tuple[Deliver, list[GenerationEvent]]]) -> None:
     for deliver, events in batch:  # on the Trio thread; each deliver swallows its own closed channel
         deliver(events)
@@ -223,18 +238,22 @@ class EngineWorker:
     # ------------------------------------------------------------ streams
 
     @contextmanager
-    def stream_sync(self, req: EngineRequest) -> Iterator[Iterator[GenerationEvent]]:
+    def stream_sync(self, req: EngineRequest, *, whole: bool = False) -> Iterator[Iterator[GenerationEvent]]:
+        """The request's events, in a plain thread. whole: all of them at once when it ends (the
+        consumer is not woken for each token)."""
         box: deque[list[GenerationEvent]] = deque()
+        sink: Sink
         if hasattr(os, "eventfd"):
             waker = getattr(self._wakers, "waker", None)
             if waker is None:
                 waker = self._wakers.waker = _Waker()
-            self.submit(req, _SyncSink(box, waker))
+            sink = _SyncSink(box, waker)
             wait = waker.wait
         else:  # no eventfd (not Linux): a queue, woken from Python
             q: queue.SimpleQueue[list[GenerationEvent]] = queue.SimpleQueue()
-            self.submit(req, q.put)
+            sink = q.put
             wait = lambda: box.append(q.get())
+        self.submit(req, _Whole(sink) if whole else sink)
 
         def events() -> Iterator[GenerationEvent]:
             while True:
@@ -251,7 +270,10 @@ class EngineWorker:
             self.cancel(req.request_id)
 
     @asynccontextmanager
-    async def stream_trio(self, req: EngineRequest) -> AsyncIterator[trio.MemoryReceiveChannel[GenerationEvent]]:
+    async def stream_trio(self, req: EngineRequest, *,
+                          whole: bool = False) -> AsyncIterator[trio.MemoryReceiveChannel[GenerationEvent]]:
+        """The request's events in this Trio run. whole: all of them at once when it ends (the
+        event loop is not woken for each token)."""
         # Unbounded on purpose: a slow consumer must never stall the shared batch; max_tokens bounds it.
         send, recv = trio.open_memory_channel[GenerationEvent](math.inf)
         token = trio.lowlevel.current_trio_token()
@@ -264,7 +286,8 @@ class EngineWorker:
                     if isinstance(ev, Finished):
                         send.close()
 
-        self.submit(req, _TrioSink(token, pump, deliver))
+        sink = _TrioSink(token, pump, deliver)
+        self.submit(req, _Whole(sink) if whole else sink)
         try:
             yield recv
         finally:
@@ -350,6 +373,12 @@ class EngineWorker:
                 continue
             if any(isinstance(ev, Finished) for ev in events):
                 del self._sinks[request_id]
+                if isinstance(sink, _Whole):
+                    sink.held.extend(events)
+                    sink, events = sink.sink, sink.held
+            elif isinstance(sink, _Whole):
+                sink.held.extend(events)
+                continue
             if isinstance(sink, _SyncSink):
                 sink.box.append(events)
                 if sink.waker not in self._unwoken:

@@ -7,6 +7,7 @@ import gc
 import os
 import sys
 import threading
+import time
 
 import pytest
 import trio
@@ -170,5 +171,86 @@ def test_sync_streams_sharing_a_thread_each_get_their_own_events() -> None:
         # and the thread's next stream starts clean, whatever wake-ups are left over
         with worker.stream_sync(EngineRequest("c", (30,), SamplingParams(max_tokens=2))) as c:
             assert collect_sync(c)[0] == "<31><32>"
+    finally:
+        worker.close()
+
+
+def spied_worker(monkeypatch, **session) -> tuple[EngineWorker, list[bool], list[int]]:  # type: ignore[no-untyped-def]
+    """A worker on the fake session, with what woke consumers recorded: for each step whether the
+    native call wrote an eventfd, and each wake-up from Python."""
+    from pylocalai.engine import worker as worker_mod
+
+    sched = Scheduler(FakeSession(**session))
+    notified: list[bool] = []
+    step = sched.step
+
+    def spy(notify_fd: int = -1) -> list:
+        out = step(notify_fd)
+        notified.append(sched.notified)
+        return out
+
+    sched.step = spy  # type: ignore[method-assign]
+    python_wakes: list[int] = []
+    for cls in (worker_mod._Waker, worker_mod._TrioPump):
+        monkeypatch.setattr(cls, "wake", lambda self, _w=cls.wake: (python_wakes.append(1), _w(self))[1])
+    return EngineWorker(sched), notified, python_wakes
+
+
+@needs_eventfd
+def test_a_whole_request_wakes_its_consumer_once_with_all_its_events(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    worker, notified, python_wakes = spied_worker(monkeypatch, n_seq_max=4, n_batch=64)
+    try:
+        with worker.stream_sync(EngineRequest("streamed", (5, 6), SamplingParams(max_tokens=6))) as events:
+            streamed = list(events)
+        with worker.stream_sync(EngineRequest("whole", (5, 6), SamplingParams(max_tokens=6)), whole=True) as events:
+            notified.clear()
+            python_wakes.clear()
+            whole = list(events)
+        # the same answer (the slot's cached prompt is reused, so only the usage's reuse differs) ...
+        assert [ev for ev in whole if isinstance(ev, TextDelta)] == [ev for ev in streamed if isinstance(ev, TextDelta)]
+        assert "".join(ev.text for ev in whole if isinstance(ev, TextDelta)) == "<7><8><9><10><11><12>"
+        assert isinstance(whole[-1], Finished) and whole[-1].reason is FinishReason.LENGTH
+        assert whole[-1].usage.completion_tokens == 6
+        # ... handed over once, at the end: no step was asked to wake the consumer
+        assert len(notified) == 6 and not any(notified)
+        assert python_wakes == [1]
+
+        async def main() -> list:
+            async with worker.stream_trio(EngineRequest("trio", (40, 41), SamplingParams(max_tokens=5)), whole=True) as recv:
+                return [ev async for ev in recv]
+
+        notified.clear()
+        python_wakes.clear()
+        got = trio.run(main)
+        assert "".join(ev.text for ev in got if isinstance(ev, TextDelta)) == "<42><43><44><45><46>"
+        assert isinstance(got[-1], Finished) and got[-1].reason is FinishReason.LENGTH
+        assert len(notified) == 5 and not any(notified) and python_wakes == [1]
+    finally:
+        worker.close()
+
+
+def test_a_whole_request_cancelled_midway_gets_what_it_generated_and_its_end() -> None:
+    sess = FakeSession(n_seq_max=2, n_batch=64)
+    sched = Scheduler(sess)
+    started = threading.Event()
+    step = sched.step
+
+    def slow(notify_fd: int = -1) -> list:
+        out = step(notify_fd)
+        if len(sess.steps) >= 3:
+            started.set()
+        time.sleep(0.005)
+        return out
+
+    sched.step = slow  # type: ignore[method-assign]
+    worker = EngineWorker(sched)
+    try:
+        threading.Thread(target=lambda: (started.wait(), worker.cancel("long")), daemon=True).start()
+        with worker.stream_sync(EngineRequest("long", (5,), SamplingParams(max_tokens=10_000)), whole=True) as events:
+            got = list(events)
+        assert isinstance(got[-1], Finished) and got[-1].reason is FinishReason.CANCELLED
+        text = "".join(ev.text for ev in got if isinstance(ev, TextDelta))
+        n = got[-1].usage.completion_tokens
+        assert 2 <= n < 10_000 and text == "".join(f"<{6 + i}>" for i in range(n))
     finally:
         worker.close()
