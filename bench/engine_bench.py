@@ -314,7 +314,31 @@ def gpu_names() -> list[str]:
     return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
 
 
+HOST_BOUND = "host-bound"
+
+
+def host_bound_model(folder: Path | None = None) -> Path:
+    """A tiny random-weight llama where a token costs about 1 ms on one CPU thread (4 layers, 256 wide,
+    a 32,000-token vocabulary), written once with gguf-py (the tests' generator, fixed seed).
+
+    Run with --threads 1 it puts the engine where a GPU puts it: short steps, and a spare core for
+    the Python around them, whose share of each token is then as large as on a GPU (SmolLM2 on an
+    H100: 1.1 ms a step). So the host work per token can be measured, and improved, without a GPU."""
+    path = (folder or Path(tempfile.gettempdir())) / "pylocalai-bench-host-bound.gguf"
+    if not path.exists():
+        if str(ROOT) not in sys.path:
+            sys.path.insert(0, str(ROOT))
+        from tests.ggufgen import write_tiny_llama
+
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        write_tiny_llama(tmp, n_layer=4, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, dtype="f32", vocab_dtype="q8_0")
+        os.replace(tmp, path)  # whole or not at all, should two runs write it at once
+    return path
+
+
 def resolve(name: str) -> Path:
+    if name == HOST_BOUND:
+        return host_bound_model()
     from pylocalai.models import resolve_model_path
 
     return resolve_model_path(name)
@@ -326,7 +350,8 @@ def fmt(s: dict[str, float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", action="append", required=True, help="a .gguf path or 'default' (repeatable)")
+    ap.add_argument("--model", action="append", required=True,
+                    help=f"a .gguf path, 'default', 'gemma3-270m' or '{HOST_BOUND}' (see host_bound_model; repeatable)")
     ap.add_argument("--engine", action="append", choices=list(ENGINES),
                     help="engine(s) to measure (repeatable; default: every engine this install built)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)

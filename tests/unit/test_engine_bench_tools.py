@@ -84,3 +84,20 @@ def test_engine_bench_smoke_run(tiny_llama: Path, tmp_path: Path, monkeypatch: p
     # the engines alternate: A then B in the first repeat, B then A in the second
     order = [line.split("[")[1].split("]")[0] for line in capsys.readouterr().err.splitlines() if "] repeat " in line]
     assert order == ["llama_cpp", "ik_llama_cpp", "ik_llama_cpp", "llama_cpp"]
+
+
+def test_host_bound_model_is_written_once_and_is_the_size_it_promises(backend: str, tmp_path: Path) -> None:
+    """`--model host-bound` (the GPU-like regime on a CPU): a 4-layer, 256-wide llama with a
+    32,000-token vocabulary, written once and then reused as it is."""
+    from pylocalai import Llama
+
+    eb = _engine_bench()
+    path = eb.host_bound_model(tmp_path)
+    assert path.parent == tmp_path and path.suffix == ".gguf"
+    stamp = path.stat().st_mtime_ns
+    assert eb.host_bound_model(tmp_path) == path and path.stat().st_mtime_ns == stamp  # not written again
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+    with Llama(path, backend=backend, n_ctx=256, n_threads=1) as llm:
+        assert (llm.info["n_layer"], llm.info["n_vocab"]) == (4, 32000)
+        assert llm.info["n_params"] > 32000 * 256 * 2  # both vocabulary matrices, and the layers
+        assert len(llm.complete([1, 2, 3], max_tokens=4, temperature=0.0, ignore_eos=True).tokens) == 4
