@@ -72,13 +72,13 @@ def test_engine_bench_smoke_run(tiny_llama: Path, tmp_path: Path, monkeypatch: p
     assert sorted(res["engines"]) == sorted(ENGINES.values())
     for r in res["engines"].values():
         for side in ("llama_bench", "pylocalai"):
-            for key in ("pp", "tg", "tg_beside_another_thread")[: 3 if side == "pylocalai" else 2]:
+            for key in ("pp", "tg", "tg_beside_another_thread", "tg_whole")[: 4 if side == "pylocalai" else 2]:
                 s = r[side][key]
                 assert s["n"] == 2 and 0 < s["min"] <= s["median"] <= s["max"] < math.inf, (side, key, s)
                 assert len(s["values"]) == 2 and min(s["values"]) == s["min"]
         assert sorted(r["pylocalai"]["aggregate"]) == ["1", "2"] == sorted(r["llama_batched_bench"]["aggregate"])
         assert all(v["n"] == 2 and v["min"] > 0 for v in r["pylocalai"]["aggregate"].values())
-        for name in ("pp", "tg", "pp_paired", "tg_paired", "tg_beside_another_thread", "aggregate_2_vs_single", "aggregate_2_vs_batched_bench", "batched_bench_2_vs_1"):
+        for name in ("pp", "tg", "pp_paired", "tg_paired", "tg_whole_paired", "tg_beside_another_thread", "aggregate_2_vs_single", "aggregate_2_vs_batched_bench", "batched_bench_2_vs_1"):
             assert math.isfinite(r["ratios"][name]) and r["ratios"][name] > 0, name
     assert set(res["ik_vs_llama_cpp"]) == {"pp", "tg"}
     # the engines alternate: A then B in the first repeat, B then A in the second
