@@ -8,8 +8,9 @@ cancellation, disconnect) cancels the request, which frees its slot before the n
 
 Either way the consumer is woken once per step, by the next native step once it has released the
 GIL (notify_fd). A wake-up from Python costs the engine thread twice: the wake itself (measured on
-a 2-vCPU VM: waking a thread on an idle vCPU takes the writer ~18 us) and then the GIL, which the
-woken thread waits for and which the next native step must hand over with a second wake.
+a 2-vCPU VM: waking a thread on an idle vCPU takes the writer 18-45 us) and then the GIL, which the
+woken thread waits for and which the next native step must hand over with a second wake. A
+consumer that wants only the end (whole=True) is woken once, when its request ends.
 """
 
 from __future__ import annotations
