@@ -8,6 +8,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterable
 
 import pytest
 import trio
@@ -17,6 +18,7 @@ from pylocalai.engine.types import (
     EngineRequest,
     Finished,
     FinishReason,
+    GenerationEvent,
     SamplingParams,
     TextDelta,
 )
@@ -32,16 +34,21 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-async def generate(worker: EngineWorker, rid: str, n: int) -> tuple[str, Finished]:
+def text_and_end(events: Iterable[GenerationEvent]) -> tuple[str, Finished]:
+    """A stream's text and its Finished, which must come last."""
     text = []
-    async with worker.stream_trio(EngineRequest(rid, (5, 6), SamplingParams(max_tokens=n))) as events:
-        async for ev in events:
-            if isinstance(ev, TextDelta):
-                text.append(ev.text)
-            else:
-                assert isinstance(ev, Finished)
-                return "".join(text), ev
+    for ev in events:
+        if isinstance(ev, TextDelta):
+            text.append(ev.text)
+        else:
+            assert isinstance(ev, Finished)
+            return "".join(text), ev
     raise AssertionError("the stream ended without Finished")
+
+
+async def generate(worker: EngineWorker, rid: str, n: int) -> tuple[str, Finished]:
+    async with worker.stream_trio(EngineRequest(rid, (5, 6), SamplingParams(max_tokens=n))) as events:
+        return text_and_end([ev async for ev in events])  # the channel closes after Finished
 
 
 @needs_eventfd
@@ -98,23 +105,12 @@ def test_a_stream_on_a_closed_worker_is_an_error_and_opens_nothing() -> None:
     assert open_fds() == before
 
 
-def collect_sync(events) -> tuple[str, Finished]:  # type: ignore[no-untyped-def]
-    text = []
-    for ev in events:
-        if isinstance(ev, TextDelta):
-            text.append(ev.text)
-        else:
-            assert isinstance(ev, Finished)
-            return "".join(text), ev
-    raise AssertionError("the stream ended without Finished")
-
-
-@needs_eventfd
-@pytest.mark.skipif(sys.platform != "linux", reason="counts /proc/self/fd")
-def test_a_sync_stream_is_woken_by_the_native_step_and_its_fd_goes_with_its_thread(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def spied_worker(monkeypatch, **session) -> tuple[EngineWorker, list[bool], list[int]]:  # type: ignore[no-untyped-def]
+    """A worker on the fake session, with what woke consumers recorded: for each step whether the
+    native call wrote an eventfd, and each wake-up from Python."""
     from pylocalai.engine import worker as worker_mod
 
-    sched = Scheduler(FakeSession(n_seq_max=4, n_batch=64))
+    sched = Scheduler(FakeSession(**session))
     notified: list[bool] = []
     step = sched.step
 
@@ -124,16 +120,22 @@ def test_a_sync_stream_is_woken_by_the_native_step_and_its_fd_goes_with_its_thre
         return out
 
     sched.step = spy  # type: ignore[method-assign]
-    python_wakes = []
-    wake = worker_mod._Waker.wake
-    monkeypatch.setattr(worker_mod._Waker, "wake", lambda self: (python_wakes.append(1), wake(self)))
-    worker = EngineWorker(sched)
+    python_wakes: list[int] = []
+    for cls in (worker_mod._Waker, worker_mod._TrioPump):
+        monkeypatch.setattr(cls, "wake", lambda self, _w=cls.wake: (python_wakes.append(1), _w(self))[1])
+    return EngineWorker(sched), notified, python_wakes
+
+
+@needs_eventfd
+@pytest.mark.skipif(sys.platform != "linux", reason="counts /proc/self/fd")
+def test_a_sync_stream_is_woken_by_the_native_step_and_its_fd_goes_with_its_thread(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    worker, notified, python_wakes = spied_worker(monkeypatch, n_seq_max=4, n_batch=64)
     before = open_fds()
     results: list[tuple[str, Finished]] = []
 
     def consume() -> None:
         with worker.stream_sync(EngineRequest("solo", (5, 6), SamplingParams(max_tokens=6))) as events:
-            results.append(collect_sync(events))
+            results.append(text_and_end(events))
 
     t = threading.Thread(target=consume)
     t.start()
@@ -170,30 +172,9 @@ def test_sync_streams_sharing_a_thread_each_get_their_own_events() -> None:
         assert "".join(text["b"]) == "<22><23><24>"
         # and the thread's next stream starts clean, whatever wake-ups are left over
         with worker.stream_sync(EngineRequest("c", (30,), SamplingParams(max_tokens=2))) as c:
-            assert collect_sync(c)[0] == "<31><32>"
+            assert text_and_end(c)[0] == "<31><32>"
     finally:
         worker.close()
-
-
-def spied_worker(monkeypatch, **session) -> tuple[EngineWorker, list[bool], list[int]]:  # type: ignore[no-untyped-def]
-    """A worker on the fake session, with what woke consumers recorded: for each step whether the
-    native call wrote an eventfd, and each wake-up from Python."""
-    from pylocalai.engine import worker as worker_mod
-
-    sched = Scheduler(FakeSession(**session))
-    notified: list[bool] = []
-    step = sched.step
-
-    def spy(notify_fd: int = -1) -> list:
-        out = step(notify_fd)
-        notified.append(sched.notified)
-        return out
-
-    sched.step = spy  # type: ignore[method-assign]
-    python_wakes: list[int] = []
-    for cls in (worker_mod._Waker, worker_mod._TrioPump):
-        monkeypatch.setattr(cls, "wake", lambda self, _w=cls.wake: (python_wakes.append(1), _w(self))[1])
-    return EngineWorker(sched), notified, python_wakes
 
 
 @needs_eventfd
