@@ -51,12 +51,13 @@ async def generate(worker: EngineWorker, rid: str, n: int) -> tuple[str, Finishe
         return text_and_end([ev async for ev in events])  # the channel closes after Finished
 
 
-@needs_eventfd
-@pytest.mark.skipif(sys.platform != "linux", reason="counts /proc/self/fd")
-def test_events_reach_every_trio_run_and_nothing_leaks() -> None:
-    sess = FakeSession(n_seq_max=4, n_batch=64)
-    sched = Scheduler(sess)
-    notified = []
+def spied_worker(monkeypatch, **session) -> tuple[EngineWorker, list[bool], list[int]]:  # type: ignore[no-untyped-def]
+    """A worker on the fake session, with what woke consumers recorded: for each step whether the
+    native call wrote an eventfd, and each wake-up from Python."""
+    from pylocalai.engine import worker as worker_mod
+
+    sched = Scheduler(FakeSession(**session))
+    notified: list[bool] = []
     step = sched.step
 
     def spy(notify_fd: int = -1) -> list:
@@ -65,8 +66,17 @@ def test_events_reach_every_trio_run_and_nothing_leaks() -> None:
         return out
 
     sched.step = spy  # type: ignore[method-assign]
+    python_wakes: list[int] = []
+    for cls in (worker_mod._Waker, worker_mod._TrioPump):
+        monkeypatch.setattr(cls, "wake", lambda self, _w=cls.wake: (python_wakes.append(1), _w(self))[1])
+    return EngineWorker(sched), notified, python_wakes
+
+
+@needs_eventfd
+@pytest.mark.skipif(sys.platform != "linux", reason="counts /proc/self/fd")
+def test_events_reach_every_trio_run_and_nothing_leaks(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     before = open_fds()
-    worker = EngineWorker(sched)
+    worker, notified, _ = spied_worker(monkeypatch, n_seq_max=4, n_batch=64)
 
     async def main(k: int) -> list[tuple[str, Finished]]:
         results: list[tuple[str, Finished]] = []
@@ -103,27 +113,6 @@ def test_a_stream_on_a_closed_worker_is_an_error_and_opens_nothing() -> None:
 
     trio.run(main)
     assert open_fds() == before
-
-
-def spied_worker(monkeypatch, **session) -> tuple[EngineWorker, list[bool], list[int]]:  # type: ignore[no-untyped-def]
-    """A worker on the fake session, with what woke consumers recorded: for each step whether the
-    native call wrote an eventfd, and each wake-up from Python."""
-    from pylocalai.engine import worker as worker_mod
-
-    sched = Scheduler(FakeSession(**session))
-    notified: list[bool] = []
-    step = sched.step
-
-    def spy(notify_fd: int = -1) -> list:
-        out = step(notify_fd)
-        notified.append(sched.notified)
-        return out
-
-    sched.step = spy  # type: ignore[method-assign]
-    python_wakes: list[int] = []
-    for cls in (worker_mod._Waker, worker_mod._TrioPump):
-        monkeypatch.setattr(cls, "wake", lambda self, _w=cls.wake: (python_wakes.append(1), _w(self))[1])
-    return EngineWorker(sched), notified, python_wakes
 
 
 @needs_eventfd
