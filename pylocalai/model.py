@@ -434,7 +434,7 @@ class Llama:
         req = await trio.to_thread.run_sync(self._request, prompt, sampling_from(sampling))
         async with self._worker.stream_trio(req, whole=True) as events:
             chunks = [_chunk(ev) async for ev in events]
-        return _collect(iter(chunks))
+        return _collect(chunks)
 
     # ------------------------------------------------------------ chat
 
