@@ -113,11 +113,30 @@ ContextParams context_params_from(const py::dict & d) {
     return p;
 }
 
+// Wake the consumer that waits for the previous step's events, from a native step once it has
+// released the GIL: woken from Python, it took the GIL and stalled the engine thread.
+void notify(int fd) {
+    if (fd >= 0) {
+        const uint64_t one = 1;
+        [[maybe_unused]] const auto n = ::write(fd, &one, sizeof one);
+    }
+}
+
+// A step's sampled rows: (seq, token, eog, piece bytes, logprob, top alternatives).
+py::list step_rows(const StepOutput & out) {
+    py::list rows;
+    for (size_t i = 0; i < out.tokens.size(); ++i) {
+        rows.append(py::make_tuple(out.seq_ids[i], out.tokens[i], static_cast<bool>(out.eog[i]),
+                                   py::bytes(out.pieces[i]), out.logprobs[i], py::cast(out.top[i])));
+    }
+    return rows;
+}
+
 SamplingParams sampling_params_from(const py::dict & d) {
     reject_unknown(d, {"temperature", "top_k", "top_p", "min_p", "typical_p", "repeat_penalty", "presence_penalty",
                        "frequency_penalty", "repeat_last_n", "seed", "logit_bias", "grammar", "grammar_type",
                        "generation_prompt", "grammar_lazy",
-                       "grammar_triggers", "preserved_tokens", "ignore_eos", "n_probs"}, "sampling");
+                       "grammar_triggers", "preserved_tokens", "ignore_eos", "n_probs", "stop"}, "sampling");
     SamplingParams p;
     p.temperature = get_or(d, "temperature", p.temperature);
     p.top_k = get_or(d, "top_k", p.top_k);
@@ -144,6 +163,7 @@ SamplingParams sampling_params_from(const py::dict & d) {
     p.preserved_tokens = get_or(d, "preserved_tokens", p.preserved_tokens);
     p.ignore_eos = get_or(d, "ignore_eos", p.ignore_eos);
     p.n_probs = get_or(d, "n_probs", p.n_probs);
+    p.stop = get_or(d, "stop", p.stop);
     return p;
 }
 
@@ -309,22 +329,36 @@ void register_session(py::module_ & m) {
                  StepOutput out;
                  {
                      py::gil_scoped_release release;  // decode + sample for the whole batch
-                     if (notify_fd >= 0) {
-                         // Wake the event loop that waits for the previous step's events now that the
-                         // GIL is free: woken from Python, it took the GIL and stalled this thread.
-                         const uint64_t one = 1;
-                         [[maybe_unused]] const auto n = ::write(notify_fd, &one, sizeof one);
-                     }
+                     notify(notify_fd);
                      out = s.step(t, p, q, w);
                  }
-                 py::list rows;
-                 for (size_t i = 0; i < out.tokens.size(); ++i) {
-                     rows.append(py::make_tuple(out.seq_ids[i], out.tokens[i], static_cast<bool>(out.eog[i]),
-                                                py::bytes(out.pieces[i]), out.logprobs[i], py::cast(out.top[i])));
-                 }
-                 return py::make_tuple(out.status, rows);
+                 return py::make_tuple(out.status, step_rows(out));
              },
              py::arg("tokens"), py::arg("pos"), py::arg("seq_ids"), py::arg("want_sample"), py::arg("notify_fd") = -1)
+        .def("run",
+             [](Session & s, const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & tokens,
+                const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & pos,
+                const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & seq_ids,
+                const py::array_t<int32_t, py::array::c_style | py::array::forcecast> & remaining,
+                const py::array_t<uint8_t, py::array::c_style | py::array::forcecast> & stop_on_eog, int32_t max_steps,
+                int notify_fd) {
+                 std::vector<int32_t> t = as_tokens(tokens);
+                 std::vector<int32_t> p = as_tokens(pos);
+                 std::vector<int32_t> q = as_tokens(seq_ids);
+                 std::vector<int32_t> r = as_tokens(remaining);
+                 std::vector<uint8_t> e(stop_on_eog.data(), stop_on_eog.data() + stop_on_eog.size());
+                 StepOutput out;
+                 {
+                     py::gil_scoped_release release;  // every step, decode + sample
+                     notify(notify_fd);
+                     out = s.run(std::move(t), std::move(p), q, std::move(r), e, max_steps);
+                 }
+                 return py::make_tuple(out.status, out.steps, step_rows(out));
+             },
+             py::arg("tokens"), py::arg("pos"), py::arg("seq_ids"), py::arg("remaining"), py::arg("stop_on_eog"),
+             py::arg("max_steps"), py::arg("notify_fd") = -1)
+        .def("interrupt", &Session::interrupt)
+        .def("clear_interrupt", &Session::clear_interrupt)
         .def("seq_rm", &Session::seq_rm)
         .def("seq_cp", &Session::seq_cp)
         .def("seq_keep", &Session::seq_keep)

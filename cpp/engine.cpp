@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <iterator>
 #include <numeric>
 
 namespace PYLOCALAI_ENGINE_NS {
@@ -218,12 +219,38 @@ void Session::set_sampler(int32_t seq, const SamplingParams & params, const std:
     n_probs_[seq] = params.n_probs;
     preserved_[seq] = params.preserved_tokens;
     std::sort(preserved_[seq].begin(), preserved_[seq].end());
+    stop_watch_.erase(seq);
+    StopWatch watch;
+    for (const std::string & stop : params.stop) {
+        if (!stop.empty()) {
+            watch.stops.push_back(stop);
+            watch.keep = std::max(watch.keep, stop.size() - 1);
+        }
+    }
+    if (!watch.stops.empty()) {
+        stop_watch_[seq] = std::move(watch);
+    }
 }
 
 void Session::drop_sampler(int32_t seq) {
     samplers_.erase(seq);
     n_probs_.erase(seq);
     preserved_.erase(seq);
+    stop_watch_.erase(seq);
+}
+
+bool Session::watch_stops(int32_t seq, const std::string & piece) {
+    auto it = stop_watch_.find(seq);
+    if (it == stop_watch_.end()) {
+        return false;
+    }
+    StopWatch & w = it->second;
+    // UTF-8 never matches inside another character, so a byte search finds what a text search does
+    const std::string text = w.tail + piece;
+    const bool hit = std::any_of(w.stops.begin(), w.stops.end(),
+                                 [&](const std::string & stop) { return text.find(stop) != std::string::npos; });
+    w.tail = text.size() > w.keep ? text.substr(text.size() - w.keep) : text;
+    return hit;
 }
 
 namespace {
@@ -309,6 +336,7 @@ StepOutput Session::step(const std::vector<int32_t> & tokens, const std::vector<
         out.tokens.push_back(tok);
         out.eog.push_back(eog ? 1 : 0);
         out.pieces.push_back(eog ? std::string() : model_->piece(tok, special));
+        out.stopped.push_back(watch_stops(seq, out.pieces.back()) ? 1 : 0);
         const int32_t n_probs = n_probs_[seq];
         float lp = 0.0f;
         std::vector<std::pair<int32_t, float>> top;
@@ -317,6 +345,51 @@ StepOutput Session::step(const std::vector<int32_t> & tokens, const std::vector<
         }
         out.logprobs.push_back(lp);
         out.top.push_back(std::move(top));
+    }
+    return out;
+}
+
+StepOutput Session::run(std::vector<int32_t> tokens, std::vector<int32_t> pos, const std::vector<int32_t> & seq_ids,
+                        std::vector<int32_t> remaining, const std::vector<uint8_t> & stop_on_eog, int32_t max_steps) {
+    const size_t n = tokens.size();
+    if (pos.size() != n || seq_ids.size() != n || remaining.size() != n || stop_on_eog.size() != n) {
+        throw std::invalid_argument("run: tokens, pos, seq_ids, remaining and stop_on_eog must have the same length");
+    }
+    if (max_steps < 1) {
+        throw std::invalid_argument("run: max_steps must be at least 1");
+    }
+    const std::vector<uint8_t> want(n, 1);
+    StepOutput out;
+    for (int32_t s = 0; s < max_steps; ++s) {
+        if (s > 0 && interrupt_.load(std::memory_order_acquire)) {
+            break;
+        }
+        StepOutput one = step(tokens, pos, seq_ids, want);
+        if (one.status != 0) {
+            if (s == 0) {
+                out.status = one.status;
+            }
+            break;
+        }
+        bool end = false;
+        for (size_t i = 0; i < n; ++i) {
+            tokens[i] = one.tokens[i];
+            ++pos[i];
+            --remaining[i];
+            end = end || remaining[i] <= 0 || (one.eog[i] != 0 && stop_on_eog[i] != 0) || one.stopped[i] != 0;
+        }
+        auto take = [](auto & to, auto & from) { std::move(from.begin(), from.end(), std::back_inserter(to)); };
+        take(out.seq_ids, one.seq_ids);
+        take(out.tokens, one.tokens);
+        take(out.eog, one.eog);
+        take(out.pieces, one.pieces);
+        take(out.logprobs, one.logprobs);
+        take(out.top, one.top);
+        take(out.stopped, one.stopped);
+        ++out.steps;
+        if (end) {
+            break;
+        }
     }
     return out;
 }

@@ -3,6 +3,7 @@
 // No Python here; bindings.cpp wraps it. Fork differences live behind compat/compat.hpp.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -112,6 +113,9 @@ struct SamplingParams {
     std::vector<int32_t> preserved_tokens;  // special tokens rendered as text (tool-call markers)
     bool ignore_eos = false;
     int32_t n_probs = 0;  // >0: report logprobs with this many alternatives
+    // Stop strings (UTF-8). The caller cuts the text; the engine only watches for them so that
+    // Session::run ends its steps where one appears.
+    std::vector<std::string> stop;
 };
 
 struct ModelInfo {
@@ -213,6 +217,8 @@ struct StepOutput {
     std::vector<std::string> pieces;  // UTF-8 bytes, possibly a partial character
     std::vector<float> logprobs;      // of the sampled token (0 when not asked)
     std::vector<std::vector<std::pair<int32_t, float>>> top;  // alternatives, when asked
+    std::vector<uint8_t> stopped;     // a stop string of the row's sequence ends in its recent bytes
+    int32_t steps = 0;                // decode steps these rows came from (Session::run)
 };
 
 class SeqSampler;  // per-fork, compat layer
@@ -237,6 +243,19 @@ public:
     // One llama_decode over the whole batch, then one sample per row whose want_sample is set.
     StepOutput step(const std::vector<int32_t> & tokens, const std::vector<int32_t> & pos,
                     const std::vector<int32_t> & seq_ids, const std::vector<uint8_t> & want_sample);
+
+    // Up to max_steps steps of sequences that are all generating: each step decodes every
+    // sequence's last sampled token (tokens[i] at pos[i] first) and samples its next, with no
+    // return to the caller in between. The steps end early, after the step where any sequence
+    // samples an end-of-generation token (where stop_on_eog[i]), has used its remaining[i] tokens,
+    // or sees a stop string, and before a step once interrupt() was called. Rows come step by step,
+    // one per sequence in seq_ids order; `steps` says how many. status 1: no KV room for the first
+    // step (later steps that find none end the run, keeping what was decoded).
+    StepOutput run(std::vector<int32_t> tokens, std::vector<int32_t> pos, const std::vector<int32_t> & seq_ids,
+                   std::vector<int32_t> remaining, const std::vector<uint8_t> & stop_on_eog, int32_t max_steps);
+    // Any thread: the running (or next) run() stops before its next step.
+    void interrupt() { interrupt_.store(true, std::memory_order_release); }
+    void clear_interrupt() { interrupt_.store(false, std::memory_order_release); }
 
     // KV / state memory of one sequence.
     bool seq_rm(int32_t seq, int32_t p0, int32_t p1);
@@ -274,6 +293,14 @@ private:
     std::map<int32_t, std::unique_ptr<SeqSampler>> samplers_;
     std::map<int32_t, int32_t> n_probs_;
     std::map<int32_t, std::vector<int32_t>> preserved_;
+    struct StopWatch {
+        std::vector<std::string> stops;
+        size_t keep = 0;   // bytes of the recent text kept: the longest stop string less one
+        std::string tail;  // the sequence's last `keep` bytes of text
+    };
+    std::map<int32_t, StopWatch> stop_watch_;  // sequences that have stop strings
+    bool watch_stops(int32_t seq, const std::string & piece);
+    std::atomic<bool> interrupt_{false};
     uint32_t n_ctx_seq_ = 0;
     uint32_t n_seq_max_ = 0;
 };

@@ -60,7 +60,9 @@ class SessionLike(Protocol):
     def seq_rm(self, seq: int, p0: int, p1: int) -> bool: ...
     def seq_add(self, seq: int, p0: int, p1: int, delta: int) -> None: ...
     # optional (getattr): seq_pos_min(seq) and n_swa for sliding-window models; checkpoints_supported,
-    # checkpoint_save(seq) -> bytes, checkpoint_load(seq, data) -> bool
+    # checkpoint_save(seq) -> bytes, checkpoint_load(seq, data) -> bool; run(tokens, pos, seq_ids,
+    # remaining, stop_on_eog, max_steps, notify_fd) -> (status, steps, rows), interrupt() and
+    # clear_interrupt() for several steps in one call
 
 
 class SlotState(enum.Enum):
@@ -110,6 +112,7 @@ class _Slot:
 class SchedulerStats:
     steps: int = 0
     tokens_decoded: int = 0
+    multi_step_calls: int = 0  # native calls that ran several of those steps (Session.run)
     max_seqs_per_step: int = 0  # most sequences that shared one decode (continuous batching at work)
     kv_full_retries: int = 0
     context_shifts: int = 0
@@ -174,6 +177,7 @@ class Scheduler:
         self._ram_limit = None if cache_ram < 0 else cache_ram << 20
         self._ram_on = cache_ram != 0 and cache_prompt and hasattr(session, "checkpoint_save")
         self._ram: list[_Saved] = []  # least recently saved first
+        self._can_run = all(hasattr(session, f) for f in ("run", "interrupt", "clear_interrupt"))
         self.stats = SchedulerStats()
 
     # ------------------------------------------------------------ public
@@ -272,16 +276,94 @@ class Scheduler:
                 slot.checkpoints.clear()
         return out
 
-    def step(self, notify_fd: int = -1) -> list[tuple[str, list[GenerationEvent]]]:
+    def interrupt(self) -> None:
+        """Any thread: a multi-step call in progress (or the next) ends before its next step, so that
+        what was queued since is taken in at once."""
+        session = self._session
+        if self._can_run and session is not None:
+            session.interrupt()
+
+    def clear_interrupt(self) -> None:
+        """Before the driving thread looks for new work: interrupts from then on count."""
+        if self._can_run and self._session is not None:
+            self._session.clear_interrupt()
+
+    def step(self, notify_fd: int = -1, max_steps: int = 1) -> list[tuple[str, list[GenerationEvent]]]:
         """Admit what fits, run one batched decode, return the events it produced.
 
         notify_fd, an eventfd, is written by the native step once it has released the GIL (see
-        EngineWorker); `notified` tells afterwards whether that happened (no decode, no write)."""
+        EngineWorker); `notified` tells afterwards whether that happened (no decode, no write).
+
+        max_steps > 1 lets the engine run up to that many decode steps in one native call where every
+        active slot is generating and nothing is queued: no Python runs between those steps. The
+        call ends at the first step where any sequence may finish (end of generation, its token
+        limit or context, a stop string) or once `interrupt()` was called. Meant for requests whose
+        events nobody reads before they end."""
         self.notified = False
         out: list[tuple[str, list[GenerationEvent]]] = []
         self._admit(out)
         if self._projector is not None:
             self._eval_media(out)
+        if max_steps > 1 and self._can_run and not self._queue:
+            generating = [s for s in self._slots if s.state is SlotState.GENERATING]
+            if generating and not any(s.state is SlotState.PREFILL for s in self._slots):
+                if self._run_steps(generating, max_steps, notify_fd, out):
+                    return out
+                notify_fd = -1  # written by the run call already
+        return self._decode(out, notify_fd)
+
+    def _run_steps(self, slots: list[_Slot], max_steps: int, notify_fd: int,
+                   out: list[tuple[str, list[GenerationEvent]]]) -> bool:
+        """Up to max_steps steps of the generating slots in one native call; False where the first
+        found no KV room (the one-step path makes room or ends requests)."""
+        remaining: list[int] = []
+        stop_on_eog: list[bool] = []
+        for slot in slots:
+            assert slot.req is not None
+            sampling = slot.req.sampling
+            left = self._n_ctx_seq - len(slot.cached)  # positions before the context is full
+            if sampling.max_tokens is not None:
+                left = min(left, sampling.max_tokens - slot.n_generated)
+            remaining.append(max(1, left))
+            stop_on_eog.append(not sampling.ignore_eos)
+        decoded = [slot.last_token for slot in slots]
+        t0 = time.perf_counter()
+        status, steps, rows = self._session.run(  # type: ignore[attr-defined]
+            np.asarray(decoded, dtype=np.int32),
+            np.asarray([len(slot.cached) for slot in slots], dtype=np.int32),
+            np.asarray([slot.seq for slot in slots], dtype=np.int32),
+            np.asarray(remaining, dtype=np.int32),
+            np.asarray(stop_on_eog, dtype=np.uint8),
+            max_steps,
+            notify_fd,
+        )
+        self.stats.engine_time_s += time.perf_counter() - t0
+        self.notified = notify_fd >= 0
+        if status != 0:
+            return False
+        n = len(slots)
+        st = self.stats
+        st.steps += steps
+        st.multi_step_calls += 1
+        st.tokens_decoded += steps * n
+        st.max_seqs_per_step = max(st.max_seqs_per_step, n)
+        now = time.monotonic()
+        for j in range(steps):
+            for k, slot in enumerate(slots):
+                _, token, eog, piece, logprob, top = rows[j * n + k]
+                slot.cached.append(decoded[k])  # what this step decoded; it sampled `token`
+                decoded[k] = token
+                slot.last_used = now
+                if slot.req is None:  # it ended at an earlier step (the engine missed a stop string)
+                    continue
+                rid = slot.req.request_id
+                events = self._on_sample(slot, int(token), bool(eog), piece, float(logprob), top)
+                if events:
+                    out.append((rid, events))
+        return True
+
+    def _decode(self, out: list[tuple[str, list[GenerationEvent]]], notify_fd: int) -> list[tuple[str, list[GenerationEvent]]]:
+        """One batched decode of what the slots need next (prompt chunks, generated tokens)."""
         while True:
             plan = self._plan()
             if plan is None:

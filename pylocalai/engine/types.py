@@ -53,7 +53,7 @@ class SamplingParams:
             raise InvalidRequestError(f"grammar_kind must be one of {sorted(_GRAMMAR_KINDS)}", param="grammar_kind")
 
     def engine_dict(self) -> dict[str, object]:
-        """The engine's sampling parameters (stop strings and limits are the scheduler's)."""
+        """The engine's sampling parameters (stop strings and limits are the scheduler's to apply)."""
         return {
             "temperature": self.temperature,
             "top_k": self.top_k,
@@ -75,6 +75,7 @@ class SamplingParams:
             "ignore_eos": self.ignore_eos,
             # the engine always computes the sampled token's logprob when n_probs > 0
             "n_probs": 0 if self.logprobs is None else max(1, self.logprobs),
+            "stop": list(self.stop),  # watched only, to end a multi-step run where one appears
         }
 
 

@@ -10,7 +10,8 @@ Either way the consumer is woken once per step, by the next native step once it 
 GIL (notify_fd). A wake-up from Python costs the engine thread twice: the wake itself (measured on
 a 2-vCPU VM: waking a thread on an idle vCPU takes the writer 18-45 us) and then the GIL, which the
 woken thread waits for and which the next native step must hand over with a second wake. A
-consumer that wants only the end (whole=True) is woken once, when its request ends.
+consumer that wants only the end (whole=True) is woken once, when its request ends; while every
+live request is such, one native call runs up to RUN_AHEAD steps, with no Python between them.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ from pylocalai.errors import EngineError, PylocalaiError
 log = logging.getLogger(__name__)
 
 Sink = Callable[[list[GenerationEvent]], None]
+
+# Decode steps one native call may run while every live request is taken whole: between them no
+# Python runs (on a GPU, or any model that decodes in about a millisecond, that Python is several per
+# cent of a step). A new request, a cancellation or a call interrupts the run after its step.
+RUN_AHEAD = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,14 +216,17 @@ class EngineWorker:
             raise EngineError("the engine is closed")
         self._sched.check(req)
         self._inbox.put(_Submit(req, sink))
+        self._sched.interrupt()  # a multi-step run in progress ends after its step: the request starts
 
     def cancel(self, request_id: str) -> None:
         self._inbox.put(_Cancel(request_id))
+        self._sched.interrupt()
 
     def call(self, fn: Callable[[], object]) -> object:
         """Run fn on the engine thread and wait for its result (blocking)."""
         box: queue.SimpleQueue[tuple[object, BaseException | None]] = queue.SimpleQueue()
         self._inbox.put(_Call(fn, lambda r, e: box.put((r, e))))
+        self._sched.interrupt()
         result, err = box.get()
         if err is not None:
             raise err
@@ -228,6 +237,7 @@ class EngineWorker:
             return
         self._closed = True
         self._inbox.put(_Stop())
+        self._sched.interrupt()
         if threading.current_thread() is not self._thread:
             self._thread.join()
 
@@ -320,6 +330,7 @@ class EngineWorker:
             block = not sched.has_work()
             if block:
                 self._wake_pumps()  # no decode follows to wake the event loops: do it here
+            sched.clear_interrupt()  # what is put in the inbox from now on interrupts the next run
             try:
                 while True:
                     msg = self._inbox.get(block=block)
@@ -335,7 +346,7 @@ class EngineWorker:
                 continue
             fd = self._notify_fd()
             try:
-                results = sched.step(fd)
+                results = sched.step(fd, RUN_AHEAD if self._all_whole() else 1)
             except PylocalaiError as exc:
                 log.exception("engine step failed")
                 results = sched.fail_all(exc if isinstance(exc, EngineError) else EngineError(str(exc)))
@@ -347,6 +358,11 @@ class EngineWorker:
             self._notifying = None
             self._retire_dead_pumps()  # after the step: the eventfd it was given is closed only now
             self._emit(results)
+
+    def _all_whole(self) -> bool:
+        """No live request has a consumer that reads its events before it ends: the engine may run
+        several steps between two looks at the inbox (an interrupt ends them early)."""
+        return all(isinstance(sink, _Whole) for sink in self._sinks.values())
 
     def _handle(self, msg: _Submit | _Cancel | _Call) -> None:
         if isinstance(msg, _Submit):

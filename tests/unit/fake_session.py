@@ -32,6 +32,9 @@ class FakeSession:
     generated: dict[int, int] = field(default_factory=dict)
     steps: list[list[tuple[int, int, int, int]]] = field(default_factory=list)  # (seq, token, pos, want)
     rm_calls: list[tuple[int, int, int]] = field(default_factory=list)
+    runs: list[int] = field(default_factory=list)  # steps each run() call made
+    interrupted: bool = False
+    watch_stops: bool = True  # False: run() misses stop strings (they only end a run early)
 
     def set_sampler(self, seq: int, params: dict[str, Any], history: Any) -> None:
         self.samplers[seq] = dict(params)
@@ -78,3 +81,38 @@ class FakeSession:
                 top = [(nxt, -0.1), (nxt + 1, -2.0)]
                 rows.append((s, nxt, nxt == EOG_TOKEN, b"" if nxt == EOG_TOKEN else piece, -0.1, top))
         return 0, rows
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+
+    def clear_interrupt(self) -> None:
+        self.interrupted = False
+
+    def run(self, tokens: Any, pos: Any, seq_ids: Any, remaining: Any, stop_on_eog: Any, max_steps: int,
+            notify_fd: int = -1) -> tuple[int, int, list[Any]]:
+        """The native run's contract: steps of generating sequences, each feeding back its sampled
+        token, ending after the step where one may finish, or before a step once interrupted."""
+        toks, poss, seqs, left, on_eog = (np.asarray(a).tolist() for a in (tokens, pos, seq_ids, remaining, stop_on_eog))
+        tails = {s: "" for s in seqs}
+        out: list[Any] = []
+        steps = 0
+        for step in range(max_steps):
+            if step > 0 and self.interrupted:
+                break
+            status, rows = self.step(toks, poss, seqs, [1] * len(toks), notify_fd if step == 0 else -1)
+            if status != 0:
+                if step == 0:
+                    return status, 0, []
+                break
+            out.extend(rows)
+            steps += 1
+            end = False
+            for i, (s, token, eog, piece, _, _) in enumerate(rows):
+                toks[i], poss[i], left[i] = token, poss[i] + 1, left[i] - 1
+                tails[s] += piece.decode("utf-8", "replace")
+                stops = [x for x in self.samplers[s].get("stop", ()) if x] if self.watch_stops else []
+                end = end or left[i] <= 0 or (eog and on_eog[i]) or any(x in tails[s] for x in stops)
+            if end:
+                break
+        self.runs.append(steps)
+        return 0, steps, out

@@ -206,6 +206,105 @@ def test_stop_string_spanning_tokens_is_cut(llm: Llama) -> None:
     assert out.text == ref.text[: ref.text.index(stop)]
 
 
+@pytest.fixture
+def raw_session(llm: Llama) -> Iterator[Any]:
+    """A session of its own on the tiny model (the Llama's is its engine thread's), greedy on seq 0 and 1."""
+    sess = llm._engine.Session(llm._model, {**llm._ctx_params, "n_ctx": 512, "n_seq_max": 2})
+    yield sess
+    del sess
+
+
+def _single_steps(sess: Any, seqs: list[int], first: list[int], n: int) -> list[tuple]:
+    """n plain steps of the sequences, each feeding back its sampled token: the rows they gave."""
+    rows: list[tuple] = []
+    tokens, pos = list(first), [1] * len(seqs)
+    for _ in range(n):
+        status, got = sess.step(np.array(tokens, np.int32), np.array(pos, np.int32), np.array(seqs, np.int32),
+                                np.ones(len(seqs), np.uint8))
+        assert status == 0
+        rows.extend(got)
+        tokens = [r[1] for r in got]
+        pos = [p + 1 for p in pos]
+    return rows
+
+
+def _fresh(sess: Any, seqs: list[int], first: list[int], **sampling: Any) -> None:
+    """Each sequence empty but for its first token at position 0 (no sample), a new greedy sampler."""
+    for seq, tok in zip(seqs, first, strict=True):
+        sess.seq_rm(seq, -1, -1)
+        sess.set_sampler(seq, {"temperature": 0.0, "ignore_eos": True, **sampling}, np.zeros(0, np.int32))
+        assert sess.step(np.array([tok], np.int32), np.array([0], np.int32), np.array([seq], np.int32),
+                         np.zeros(1, np.uint8))[0] == 0
+
+
+def test_a_multi_step_run_gives_the_rows_of_single_steps(raw_session: Any) -> None:
+    seqs, first = [0, 1], [300, 400]
+    _fresh(raw_session, seqs, first)
+    want = _single_steps(raw_session, seqs, first, 12)
+    _fresh(raw_session, seqs, first)
+    status, steps, rows = raw_session.run(np.array(first, np.int32), np.ones(2, np.int32), np.array(seqs, np.int32),
+                                          np.array([12, 30], np.int32), np.zeros(2, np.uint8), 64)
+    # step by step, one row per sequence in order; ended by seq 0's remaining 12 tokens
+    assert (status, steps) == (0, 12) and rows == want
+    assert raw_session.seq_pos_max(0) == raw_session.seq_pos_max(1) == 12  # positions 0..12 decoded
+
+
+def test_a_multi_step_run_ends_at_a_stop_string_at_eog_and_at_an_interrupt(llm: Llama, raw_session: Any) -> None:
+    def run(max_steps: int, stop_on_eog: int = 0) -> tuple:
+        return raw_session.run(np.array([300], np.int32), np.ones(1, np.int32), np.zeros(1, np.int32),
+                               np.array([100], np.int32), np.array([stop_on_eog], np.uint8), max_steps)
+
+    _fresh(raw_session, [0], [300])
+    ref = _single_steps(raw_session, [0], [300], 20)
+    # a stop string whose last byte comes with the 7th token's piece
+    end = len(b"".join(r[3] for r in ref[:7]))
+    stop = b"".join(r[3] for r in ref)[max(0, end - 3) : end].decode("utf-8", "replace")
+    assert stop and "\ufffd" not in stop and stop.encode() not in b"".join(r[3] for r in ref[:6])
+    _fresh(raw_session, [0], [300], stop=[stop])
+    status, steps, rows = run(64)
+    assert (status, steps) == (0, 7) and rows == ref[:7]
+
+    # every token forced to end-of-generation: a caller that stops on it gets one step, one that
+    # ignores it (ignore_eos) the steps it asked for
+    eos = llm.info["eos"]
+    _fresh(raw_session, [0], [300], logit_bias=[(eos, 100.0)], ignore_eos=False)
+    status, steps, rows = run(64, stop_on_eog=1)
+    assert (status, steps) == (0, 1) and rows[0][1] == eos and rows[0][2] is True
+    _fresh(raw_session, [0], [300], logit_bias=[(eos, 100.0)], ignore_eos=False)
+    assert run(5, stop_on_eog=0)[1] == 5
+
+    # an interrupt before the call: exactly one step; cleared: as many as asked
+    _fresh(raw_session, [0], [300])
+    raw_session.interrupt()
+    assert run(64)[1] == 1
+    raw_session.clear_interrupt()
+    _fresh(raw_session, [0], [300])
+    assert run(9)[1] == 9
+
+
+def test_a_request_taken_whole_runs_many_steps_per_call_and_matches_the_streamed_one(llm: Llama) -> None:
+    stats = llm.scheduler.stats
+    for with_stop in (False, True):
+        kw: dict[str, Any] = {"max_tokens": 40, "temperature": 0.0, "ignore_eos": True}
+        streamed = [t for c in llm.generate("alpha beta", **kw) for t in c.tokens]
+        if with_stop:  # a stop string that ends the answer midway, spanning two tokens
+            pieces = [llm.token_to_piece(t).decode("utf-8", "replace") for t in streamed]
+            i = next(i for i in range(8, len(pieces)) if len(pieces[i - 1]) >= 2 and pieces[i] and "\ufffd" not in pieces[i - 1] + pieces[i])
+            kw["stop"] = [pieces[i - 1][-2:] + pieces[i][:1]]
+        calls, steps, decoded = stats.multi_step_calls, stats.steps, stats.tokens_decoded
+        out = llm.complete("alpha beta", **kw)
+        n_prompt = out.usage.prompt_tokens - out.usage.cached_tokens
+        if with_stop:
+            assert out.finish_reason == "stop" and 8 <= len(out.tokens) < 40
+            assert tuple(streamed[: len(out.tokens)]) == out.tokens
+        else:
+            assert out.tokens == tuple(streamed)
+        # the prompt's step, then runs of several steps: far fewer calls than steps
+        assert stats.multi_step_calls - calls >= 1 and stats.steps - steps >= len(out.tokens) - 1
+        # ... that ended where the answer did: no token decoded beyond its last but one
+        assert stats.tokens_decoded - decoded == n_prompt + len(out.tokens) - 1
+
+
 def test_concurrent_generations_share_batches_and_match_solo(llm: Llama) -> None:
     prompts = ["alpha", "beta gamma", "delta", "epsilon zeta eta"]
     solo = [llm.complete(p, max_tokens=24, temperature=0.0, ignore_eos=True).tokens for p in prompts]

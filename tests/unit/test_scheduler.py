@@ -15,12 +15,12 @@ def req(rid: str, prompt: list[int], **sampling: object) -> EngineRequest:
     return EngineRequest(rid, tuple(prompt), SamplingParams(**sampling))  # type: ignore[arg-type]
 
 
-def run(sched: Scheduler, max_steps: int = 500) -> dict[str, list[GenerationEvent]]:
+def run(sched: Scheduler, max_steps: int = 500, ahead: int = 1) -> dict[str, list[GenerationEvent]]:
     out: dict[str, list[GenerationEvent]] = defaultdict(list)
     for _ in range(max_steps):
         if not sched.has_work():
             return out
-        for rid, evs in sched.step():
+        for rid, evs in sched.step(max_steps=ahead):
             out[rid].extend(evs)
     raise AssertionError("scheduler did not finish")
 
@@ -365,3 +365,66 @@ def test_prompt_chunks_keep_most_of_the_budget_while_others_generate() -> None:
     assert len(chunks) <= 60 // 7 + 2
     # one checkpoint per 8 positions at most, and one at the prompt's end
     assert sched.stats.checkpoints_saved <= 60 // 8 + 1
+
+
+def _shifting(**kw: object) -> FakeSession:
+    """A fake whose memory can drop and move positions (context shift)."""
+    sess = FakeSession(**kw)  # type: ignore[arg-type]
+    sess.seq_add = lambda seq, p0, p1, delta: None  # type: ignore[attr-defined]
+    sess.seq_rm = lambda seq, p0, p1: sess.kv[seq].__delitem__(slice(p0, p1 if p1 >= 0 else None)) is None  # type: ignore[method-assign]
+    return sess
+
+
+MULTI_STEP_CASES = {
+    "token limit": (lambda: FakeSession(), {}, [("a", [5, 6, 7], {"max_tokens": 9})]),
+    "end of generation": (lambda: FakeSession(eog_after={0: 5}), {}, [("a", [5], {"max_tokens": 50})]),
+    "ignore_eos": (lambda: FakeSession(eog_after={0: 2}), {}, [("a", [5], {"max_tokens": 7, "ignore_eos": True})]),
+    "stop string across tokens": (
+        lambda: FakeSession(pieces={9: b"hel", 10: b"lo ST", 11: b"OP more"}), {},
+        [("a", [5], {"max_tokens": 20, "stop": ("STOP",)})]),
+    "stop string the engine misses": (
+        lambda: FakeSession(pieces={9: b"hel", 10: b"lo ST", 11: b"OP more"}, watch_stops=False), {},
+        [("a", [5], {"max_tokens": 20, "stop": ("STOP",)})]),
+    "logprobs": (lambda: FakeSession(), {}, [("a", [5], {"max_tokens": 6, "logprobs": 1})]),
+    "context full": (lambda: FakeSession(n_ctx_seq=12), {}, [("a", [1, 2, 3], {"max_tokens": 100})]),
+    "context shift": (lambda: _shifting(n_ctx_seq=8), {"context_shift": True}, [("a", [1, 2, 3], {"max_tokens": 20})]),
+    "requests of different lengths, one queued": (
+        lambda: FakeSession(n_seq_max=2, eog_after={1: 4}), {},
+        [("a", [5, 6], {"max_tokens": 12}), ("b", [40], {"max_tokens": 30}), ("c", [70, 71, 72], {"max_tokens": 3})]),
+}
+
+
+@pytest.mark.parametrize("case", MULTI_STEP_CASES)
+def test_several_steps_per_call_give_what_one_step_at_a_time_gives(case: str) -> None:
+    make, options, requests = MULTI_STEP_CASES[case]
+    outcome = {}
+    for ahead in (1, 16):
+        sess = make()
+        sched = Scheduler(sess, **options)
+        for rid, prompt, sampling in requests:
+            sched.submit(req(rid, prompt, **sampling))
+        events = run(sched, ahead=ahead)
+        assert set(events) == {rid for rid, _, _ in requests}
+        for evs in events.values():
+            finished(evs)
+        # the scheduler's mirror of each sequence is what the engine's memory holds
+        assert all(sched.slot_tokens(seq) == tuple(sess.kv.get(seq, [])) for seq in range(sched.n_slots))
+        outcome[ahead] = (dict(events), sess.runs, len(sess.steps), sched.stats.tokens_generated)
+    (one, runs1, _, gen1), (many, runs16, decodes16, gen16) = outcome[1], outcome[16]
+    assert many == one and gen16 == gen1
+    assert runs1 == []  # one step at a time never asks for a run
+    assert runs16 and max(runs16) > 1  # ... while runs took several steps per call
+    if case != "stop string the engine misses":
+        assert decodes16 == outcome[1][2]  # no step beyond what one-at-a-time decodes
+
+
+def test_an_interrupt_ends_a_multi_step_run_after_its_first_step() -> None:
+    sess = FakeSession()
+    sched = Scheduler(sess)
+    sched.submit(req("a", [5], max_tokens=40))
+    sched.step(max_steps=16)  # the prompt: one step, no run
+    sched.interrupt()
+    sched.step(max_steps=16)
+    sched.clear_interrupt()
+    sched.step(max_steps=16)
+    assert sess.runs == [1, 16]

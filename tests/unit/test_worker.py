@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import pytest
 import trio
@@ -22,7 +23,7 @@ from pylocalai.engine.types import (
     SamplingParams,
     TextDelta,
 )
-from pylocalai.engine.worker import EngineWorker
+from pylocalai.engine.worker import RUN_AHEAD, EngineWorker
 from pylocalai.errors import EngineError
 
 from .fake_session import FakeSession
@@ -31,6 +32,8 @@ needs_eventfd = pytest.mark.skipif(not hasattr(os, "eventfd"), reason="the event
 
 
 def open_fds() -> int:
+    """Descriptors open now, once what earlier tests left for the collector is gone."""
+    gc.collect()
     return len(os.listdir("/proc/self/fd"))
 
 
@@ -60,8 +63,8 @@ def spied_worker(monkeypatch, **session) -> tuple[EngineWorker, list[bool], list
     notified: list[bool] = []
     step = sched.step
 
-    def spy(notify_fd: int = -1) -> list:
-        out = step(notify_fd)
+    def spy(notify_fd: int = -1, max_steps: int = 1) -> list:
+        out = step(notify_fd, max_steps)
         notified.append(sched.notified)
         return out
 
@@ -172,6 +175,8 @@ def test_a_whole_request_wakes_its_consumer_once_with_all_its_events(monkeypatch
     try:
         with worker.stream_sync(EngineRequest("streamed", (5, 6), SamplingParams(max_tokens=6))) as events:
             streamed = list(events)
+        assert worker.scheduler._session.runs == []  # a streamed request is stepped one token at a time
+        n_steps = len(worker.scheduler._session.steps)
         with worker.stream_sync(EngineRequest("whole", (5, 6), SamplingParams(max_tokens=6)), whole=True) as events:
             notified.clear()
             python_wakes.clear()
@@ -182,8 +187,11 @@ def test_a_whole_request_wakes_its_consumer_once_with_all_its_events(monkeypatch
         assert isinstance(whole[-1], Finished) and whole[-1].reason is FinishReason.LENGTH
         assert whole[-1].usage.completion_tokens == 6
         # ... handed over once, at the end: no step was asked to wake the consumer
-        assert len(notified) == 6 and not any(notified)
-        assert python_wakes == [1]
+        assert python_wakes == [1] and not any(notified)
+        # ... and decoded in two native calls: the prompt's last token, then one run of the five
+        # steps that fed back each sampled token, with no Python between them
+        sess = worker.scheduler._session
+        assert len(notified) == 2 and len(sess.steps) - n_steps == 6 and sess.runs[-1] == 5
 
         async def main() -> list:
             async with worker.stream_trio(EngineRequest("trio", (40, 41), SamplingParams(max_tokens=5)), whole=True) as recv:
@@ -194,33 +202,36 @@ def test_a_whole_request_wakes_its_consumer_once_with_all_its_events(monkeypatch
         got = trio.run(main)
         assert "".join(ev.text for ev in got if isinstance(ev, TextDelta)) == "<42><43><44><45><46>"
         assert isinstance(got[-1], Finished) and got[-1].reason is FinishReason.LENGTH
-        assert len(notified) == 5 and not any(notified) and python_wakes == [1]
+        assert len(notified) == 2 and not any(notified) and python_wakes == [1] and sess.runs[-1] == 4
     finally:
         worker.close()
 
 
 def test_a_whole_request_cancelled_midway_gets_what_it_generated_and_its_end() -> None:
     sess = FakeSession(n_seq_max=2, n_batch=64)
-    sched = Scheduler(sess)
     started = threading.Event()
-    step = sched.step
+    step = sess.step
 
-    def slow(notify_fd: int = -1) -> list:
-        out = step(notify_fd)
+    def slow(*args: Any) -> tuple[int, list[Any]]:  # a native step that takes a while
+        out = step(*args)
         if len(sess.steps) >= 3:
             started.set()
         time.sleep(0.005)
         return out
 
-    sched.step = slow  # type: ignore[method-assign]
-    worker = EngineWorker(sched)
+    sess.step = slow  # type: ignore[method-assign]
+    worker = EngineWorker(Scheduler(sess))
+    at_cancel: list[int] = []
     try:
-        threading.Thread(target=lambda: (started.wait(), worker.cancel("long")), daemon=True).start()
+        threading.Thread(target=lambda: (started.wait(), at_cancel.append(len(sess.steps)), worker.cancel("long")),
+                         daemon=True).start()
         with worker.stream_sync(EngineRequest("long", (5,), SamplingParams(max_tokens=10_000)), whole=True) as events:
             got = list(events)
         assert isinstance(got[-1], Finished) and got[-1].reason is FinishReason.CANCELLED
         text = "".join(ev.text for ev in got if isinstance(ev, TextDelta))
         n = got[-1].usage.completion_tokens
         assert 2 <= n < 10_000 and text == "".join(f"<{6 + i}>" for i in range(n))
+        # the cancel interrupted the multi-step run it came during: it ended after the step in progress
+        assert n <= at_cancel[0] + 1 < RUN_AHEAD and sess.runs and sum(sess.runs) == n - 1
     finally:
         worker.close()
