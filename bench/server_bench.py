@@ -10,6 +10,8 @@ Scenarios, each run on every server in turn (A/B/A/B...), repeated; figures are 
 repeats with their min-max, and ratios pylocalai / llama-server:
 - c1, c4, c8: 1, 4, 8 concurrent clients, streaming chat completions of 128 tokens
   (TTFT p50/p95, per-stream decode tok/s, aggregate output tok/s, errors);
+- whole: one client, non-streamed chat completions of the same length, one after another (output
+  tok/s = completion tokens / request time, request time p50);
 - prefix: a shared ~1,500-token system prompt; TTFT of the first (cold) request vs the warm ones;
 - prefill: one ~2,000-token prompt (prefill tok/s = prompt tokens / TTFT);
 - revisit: more conversations than slots (twice as many, each with its own ~800-token notes),
@@ -325,6 +327,33 @@ async def one_request(client: httpx.AsyncClient, base: str, endpoint: str, model
     return res
 
 
+async def whole_request(client: httpx.AsyncClient, base: str, model: str, user: str, max_tokens: int,
+                        extra: dict[str, Any] | None = None) -> tuple[Result, float]:
+    """One non-streamed chat completion: (result, seconds from sending it to the whole answer)."""
+    path, body = request_body("chat", model, None, user, max_tokens, extra)
+    body["stream"] = False
+    body.pop("stream_options", None)
+    res = Result(ok=False)
+    t0 = time.perf_counter()
+    try:
+        resp = await client.post(base + path, json=body)
+        latency = time.perf_counter() - t0
+        if resp.status_code != 200:
+            res.error = f"HTTP {resp.status_code}: {resp.text[:200]!r}"
+            return res, math.nan
+        answer = resp.json()
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        res.error = f"{type(exc).__name__}: {exc}"[:200]
+        return res, math.nan
+    usage = answer.get("usage") or {}
+    res.tokens = int(usage.get("completion_tokens") or 0)
+    res.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+    if res.tokens != max_tokens:
+        res.error = f"got {res.tokens} of {max_tokens} tokens"
+    res.ok = not res.error
+    return res, latency
+
+
 async def run_load(base: str, endpoint: str, model: str, jobs: list[tuple[str | None, str]], concurrency: int,
                    max_tokens: int, time_limit: float, extra: dict[str, Any] | None = None) -> tuple[list[Result], float]:
     """Run `jobs` (system, user) with `concurrency` clients; returns results in job order and wall time."""
@@ -419,6 +448,23 @@ def make_scenarios(args: argparse.Namespace) -> list[Scenario]:
             return load_metrics(res, wall)
         return run
 
+    def whole():
+        async def run(server: Server, rep: int) -> dict[str, Any]:
+            # one client, one request at a time, answers taken whole: what a server does between two
+            # tokens that nobody is waiting for
+            got: list[tuple[Result, float]] = []
+            async with httpx.AsyncClient(timeout=httpx.Timeout(limit)) as client:
+                for i in range(max(args.requests_per_client, 2)):
+                    user = f"Task whole-{rep}-{i}. {PROMPTS[i % len(PROMPTS)]}"
+                    got.append(await whole_request(client, server.base, server.model_name, user, n_tok,
+                                                   server.request_extra()))
+            ok = [(r, t) for r, t in got if r.ok]
+            return {"errors": len(got) - len(ok), "error_samples": sorted({r.error for r, _ in got if not r.ok})[:3],
+                    "latency_p50": pct([t for _, t in ok], 0.5),
+                    "output_tps_p50": pct([r.tokens / t for r, t in ok], 0.5),
+                    "prompt_tokens_p50": pct([float(r.prompt_tokens) for r, _ in ok], 0.5)}
+        return run
+
     def prefix(endpoint: str = "chat"):
         async def run(server: Server, rep: int) -> dict[str, Any]:
             # a system prompt no server has seen (new per repeat and endpoint), then warm requests that share it
@@ -468,6 +514,7 @@ def make_scenarios(args: argparse.Namespace) -> list[Scenario]:
     for c in args.concurrency:
         scenarios.append(Scenario(f"c{c}", concurrency(c),
                                   headline=["aggregate_tps", "ttft_p50", "ttft_p95", "decode_tps_p50", "errors"]))
+    scenarios.append(Scenario("whole", whole(), headline=["output_tps_p50", "latency_p50", "errors"]))
     prefix_head, prefill_head = ["ttft_cold", "ttft_warm_p50", "warm_over_cold", "prompt_tokens"], ["prefill_tps", "ttft", "prompt_tokens"]
     scenarios.append(Scenario("prefix", prefix(), headline=prefix_head))
     scenarios.append(Scenario("prefill", prefill(), headline=prefill_head))
@@ -618,6 +665,8 @@ ROWS = [  # (scenario, key, label, scale, digits)
     ("c8", "ttft_p50", "c8 TTFT p50 ms", 1000, 0),
     ("c8", "ttft_p95", "c8 TTFT p95 ms", 1000, 0),
     ("c8", "decode_tps_p50", "c8 per-stream decode tok/s", 1, 1),
+    ("whole", "output_tps_p50", "non-streamed: output tok/s (tokens / request time)", 1, 1),
+    ("whole", "latency_p50", "non-streamed: request time p50 ms", 1000, 1),
     ("prefix", "ttft_cold", "shared prefix: cold TTFT ms", 1000, 1),
     ("prefix", "ttft_warm_p50", "shared prefix: warm TTFT ms", 1000, 1),
     ("prefix", "warm_over_cold", "shared prefix: warm / cold", 1, 3),

@@ -133,3 +133,24 @@ def test_prompt_tokens_come_from_a_non_streamed_answer(fake: tuple[ModuleType, A
     body = _LlamaCppPythonLike.bodies[-1]
     assert body["stream"] is False and "stream_options" not in body and body["max_tokens"] == 1
     assert body["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+
+
+def test_a_non_streamed_answer_is_counted_from_its_usage(fake: tuple[ModuleType, Any]) -> None:
+    """The `whole` scenario: one request, the answer in one body; tokens from its usage, the request
+    time from sending it to having the body. A request that gets no answer is that request's error."""
+    import httpx
+
+    sb, httpd = fake
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+
+    async def main() -> list[tuple[Any, float]]:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(30.0)) as client:
+            return [await sb.whole_request(client, base, "bench", "one", 16, {"repeat_penalty": 1.0}),
+                    await sb.whole_request(client, "http://127.0.0.1:1", "bench", "two", 16)]  # nothing listens
+
+    (res, latency), (bad, bad_latency) = trio.run(main)
+    assert res.ok and res.error == "" and (res.tokens, res.prompt_tokens) == (16, PROMPT_TOKENS)
+    assert 0 < latency < 30
+    sent = _LlamaCppPythonLike.bodies[0]
+    assert sent["stream"] is False and "stream_options" not in sent and sent["repeat_penalty"] == 1.0
+    assert not bad.ok and bad.error and math.isnan(bad_latency)
