@@ -353,7 +353,8 @@ void register_session(py::module_ & m) {
                      notify(notify_fd);
                      out = s.run(std::move(t), std::move(p), q, std::move(r), e, max_steps);
                  }
-                 return py::make_tuple(out.status, out.steps, step_rows(out));
+                 return py::make_tuple(out.status, out.steps, step_rows(out),
+                                       out.error.empty() ? py::object(py::none()) : py::object(py::str(out.error)));
              },
              py::arg("tokens"), py::arg("pos"), py::arg("seq_ids"), py::arg("remaining"), py::arg("stop_on_eog"),
              py::arg("max_steps"), py::arg("notify_fd") = -1)

@@ -364,7 +364,16 @@ StepOutput Session::run(std::vector<int32_t> tokens, std::vector<int32_t> pos, c
         if (s > 0 && interrupt_.load(std::memory_order_acquire)) {
             break;
         }
-        StepOutput one = step(tokens, pos, seq_ids, want);
+        StepOutput one;
+        try {
+            one = step(tokens, pos, seq_ids, want);
+        } catch (const std::exception & e) {
+            if (s == 0) {
+                throw;
+            }
+            out.error = e.what();  // the steps done stand: their tokens are in memory and in the rows
+            break;
+        }
         if (one.status != 0) {
             if (s == 0) {
                 out.status = one.status;

@@ -219,6 +219,7 @@ struct StepOutput {
     std::vector<std::vector<std::pair<int32_t, float>>> top;  // alternatives, when asked
     std::vector<uint8_t> stopped;     // a stop string of the row's sequence ends in its recent bytes
     int32_t steps = 0;                // decode steps these rows came from (Session::run)
+    std::string error;                // Session::run: why a step after the first failed (rows before it stand)
 };
 
 class SeqSampler;  // per-fork, compat layer
@@ -250,7 +251,8 @@ public:
     // samples an end-of-generation token (where stop_on_eog[i]), has used its remaining[i] tokens,
     // or sees a stop string, and before a step once interrupt() was called. Rows come step by step,
     // one per sequence in seq_ids order; `steps` says how many. status 1: no KV room for the first
-    // step (later steps that find none end the run, keeping what was decoded).
+    // step. A later step that finds no room ends the run with the steps before it; one that fails
+    // ends it too, with `error` set (a failure of the first step is thrown).
     StepOutput run(std::vector<int32_t> tokens, std::vector<int32_t> pos, const std::vector<int32_t> & seq_ids,
                    std::vector<int32_t> remaining, const std::vector<uint8_t> & stop_on_eog, int32_t max_steps);
     // Any thread: the running (or next) run() stops before its next step.

@@ -6,6 +6,10 @@ every slot, GIL released). Slots keep a mirror of the tokens in their KV sequenc
 reuses the longest common prefix of an idle slot's cache. The direct Python API and the server's
 worker drive this same class.
 
+Where every active slot is generating and the caller allows it (`step(max_steps=N)`), one C++ call
+runs up to N such steps back to back (Session.run), each feeding the sampled tokens back, and ends
+at the first step where a sequence may finish; the events are the same as N single steps give.
+
 With a host-RAM prompt cache (cache_ram), the whole memory of a slot that moves on to an unrelated
 prompt (one that keeps less than half of it) is saved first, and a later prompt that shares more
 with a saved state than with any slot gets that state back (as llama-server's --cache-ram does).
@@ -61,7 +65,7 @@ class SessionLike(Protocol):
     def seq_add(self, seq: int, p0: int, p1: int, delta: int) -> None: ...
     # optional (getattr): seq_pos_min(seq) and n_swa for sliding-window models; checkpoints_supported,
     # checkpoint_save(seq) -> bytes, checkpoint_load(seq, data) -> bool; run(tokens, pos, seq_ids,
-    # remaining, stop_on_eog, max_steps, notify_fd) -> (status, steps, rows), interrupt() and
+    # remaining, stop_on_eog, max_steps, notify_fd) -> (status, steps, rows, error), interrupt() and
     # clear_interrupt() for several steps in one call
 
 
@@ -112,7 +116,7 @@ class _Slot:
 class SchedulerStats:
     steps: int = 0
     tokens_decoded: int = 0
-    multi_step_calls: int = 0  # native calls that ran several of those steps (Session.run)
+    multi_step_calls: int = 0  # native calls that ran one or more of those steps on their own (Session.run)
     max_seqs_per_step: int = 0  # most sequences that shared one decode (continuous batching at work)
     kv_full_retries: int = 0
     context_shifts: int = 0
@@ -178,6 +182,7 @@ class Scheduler:
         self._ram_on = cache_ram != 0 and cache_prompt and hasattr(session, "checkpoint_save")
         self._ram: list[_Saved] = []  # least recently saved first
         self._can_run = all(hasattr(session, f) for f in ("run", "interrupt", "clear_interrupt"))
+        self._failed: EngineError | None = None  # a multi-step call's failure, raised by the next step()
         self.stats = SchedulerStats()
 
     # ------------------------------------------------------------ public
@@ -262,6 +267,7 @@ class Scheduler:
         """The engine broke: finish every request with the error. The memory of their slots is
         cleared with their mirrors (a failed step may have written part of its batch), so the
         slots serve the next requests from a consistent state."""
+        self._failed = None  # what it was is the error every request now gets
         out: list[tuple[str, list[GenerationEvent]]] = []
         while self._queue:
             req = self._queue.popleft()
@@ -300,6 +306,9 @@ class Scheduler:
         limit or context, a stop string) or once `interrupt()` was called. Meant for requests whose
         events nobody reads before they end."""
         self.notified = False
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            raise failed
         out: list[tuple[str, list[GenerationEvent]]] = []
         self._admit(out)
         if self._projector is not None:
@@ -328,7 +337,7 @@ class Scheduler:
             stop_on_eog.append(not sampling.ignore_eos)
         decoded = [slot.last_token for slot in slots]
         t0 = time.perf_counter()
-        status, steps, rows = self._session.run(  # type: ignore[attr-defined]
+        status, steps, rows, error = self._session.run(  # type: ignore[attr-defined]
             np.asarray(decoded, dtype=np.int32),
             np.asarray([len(slot.cached) for slot in slots], dtype=np.int32),
             np.asarray([slot.seq for slot in slots], dtype=np.int32),
@@ -340,7 +349,9 @@ class Scheduler:
         self.stats.engine_time_s += time.perf_counter() - t0
         self.notified = notify_fd >= 0
         if status != 0:
+            self.stats.kv_full_retries += 1
             return False
+        self._prefill_budget = self._n_batch
         n = len(slots)
         st = self.stats
         st.steps += steps
@@ -360,6 +371,8 @@ class Scheduler:
                 events = self._on_sample(slot, int(token), bool(eog), piece, float(logprob), top)
                 if events:
                     out.append((rid, events))
+        if error is not None:  # a later step failed: these events stand, the next step() raises it
+            self._failed = EngineError(f"engine step failed: {error}")
         return True
 
     def _decode(self, out: list[tuple[str, list[GenerationEvent]]], notify_fd: int) -> list[tuple[str, list[GenerationEvent]]]:

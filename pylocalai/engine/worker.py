@@ -265,20 +265,24 @@ class EngineWorker:
             sink = q.put
             wait = lambda: box.append(q.get())
         self.submit(req, _Whole(sink) if whole else sink)
+        ended = False  # its Finished came: the engine is done with it, nothing to cancel
 
         def events() -> Iterator[GenerationEvent]:
+            nonlocal ended
             while True:
                 while not box:
                     wait()
                 for ev in box.popleft():
+                    ended = ended or isinstance(ev, Finished)
                     yield ev
-                    if isinstance(ev, Finished):
+                    if ended:
                         return
 
         try:
             yield events()
         finally:
-            self.cancel(req.request_id)
+            if not ended:  # a cancel would also interrupt the other requests' multi-step run
+                self.cancel(req.request_id)
 
     @asynccontextmanager
     async def stream_trio(self, req: EngineRequest, *,
@@ -290,7 +294,11 @@ class EngineWorker:
         token = trio.lowlevel.current_trio_token()
         pump = self._trio_pump(token)
 
+        ended = False  # its Finished came: the engine is done with it, nothing to cancel
+
         def deliver(events: list[GenerationEvent]) -> None:  # on the Trio thread; must not raise
+            nonlocal ended
+            ended = ended or any(isinstance(ev, Finished) for ev in events)
             with suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 for ev in events:
                     send.send_nowait(ev)
@@ -302,7 +310,8 @@ class EngineWorker:
         try:
             yield recv
         finally:
-            self.cancel(req.request_id)
+            if not ended:  # a cancel would also interrupt the other requests' multi-step run
+                self.cancel(req.request_id)
             recv.close()
 
     def _trio_pump(self, token: trio.lowlevel.TrioToken) -> _TrioPump | None:
@@ -340,6 +349,7 @@ class EngineWorker:
                         self._retire_pumps()
                         return
                     self._handle(msg)
+                    del msg  # not held while the thread sleeps: a submit holds its sink (a thread's eventfd)
             except queue.Empty:
                 pass
             if not sched.has_work():

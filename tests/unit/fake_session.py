@@ -35,10 +35,12 @@ class FakeSession:
     runs: list[int] = field(default_factory=list)  # steps each run() call made
     interrupted: bool = False
     watch_stops: bool = True  # False: run() misses stop strings (they only end a run early)
+    tails: dict[int, bytes] = field(default_factory=dict)  # seq -> the bytes it sampled (watched for stops)
 
     def set_sampler(self, seq: int, params: dict[str, Any], history: Any) -> None:
         self.samplers[seq] = dict(params)
         self.generated[seq] = 0
+        self.tails[seq] = b""
 
     def drop_sampler(self, seq: int) -> None:
         self.samplers.pop(seq, None)
@@ -89,30 +91,37 @@ class FakeSession:
         self.interrupted = False
 
     def run(self, tokens: Any, pos: Any, seq_ids: Any, remaining: Any, stop_on_eog: Any, max_steps: int,
-            notify_fd: int = -1) -> tuple[int, int, list[Any]]:
+            notify_fd: int = -1) -> tuple[int, int, list[Any], str | None]:
         """The native run's contract: steps of generating sequences, each feeding back its sampled
-        token, ending after the step where one may finish, or before a step once interrupted."""
+        token, ending after the step where one may finish, or before a step once interrupted; a
+        failure after the first step ends it with the rows so far and the error."""
         toks, poss, seqs, left, on_eog = (np.asarray(a).tolist() for a in (tokens, pos, seq_ids, remaining, stop_on_eog))
-        tails = {s: "" for s in seqs}
         out: list[Any] = []
         steps = 0
+        error = None
         for step in range(max_steps):
             if step > 0 and self.interrupted:
                 break
-            status, rows = self.step(toks, poss, seqs, [1] * len(toks), notify_fd if step == 0 else -1)
+            try:
+                status, rows = self.step(toks, poss, seqs, [1] * len(toks), notify_fd if step == 0 else -1)
+            except Exception as exc:
+                if step == 0:
+                    raise
+                error = str(exc)
+                break
             if status != 0:
                 if step == 0:
-                    return status, 0, []
+                    return status, 0, [], None
                 break
             out.extend(rows)
             steps += 1
             end = False
             for i, (s, token, eog, piece, _, _) in enumerate(rows):
                 toks[i], poss[i], left[i] = token, poss[i] + 1, left[i] - 1
-                tails[s] += piece.decode("utf-8", "replace")
-                stops = [x for x in self.samplers[s].get("stop", ()) if x] if self.watch_stops else []
-                end = end or left[i] <= 0 or (eog and on_eog[i]) or any(x in tails[s] for x in stops)
+                self.tails[s] = self.tails.get(s, b"") + piece
+                stops = [x.encode() for x in self.samplers[s].get("stop", ()) if x] if self.watch_stops else []
+                end = end or left[i] <= 0 or (eog and on_eog[i]) or any(x in self.tails[s] for x in stops)
             if end:
                 break
         self.runs.append(steps)
-        return 0, steps, out
+        return 0, steps, out, error

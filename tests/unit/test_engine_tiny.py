@@ -242,10 +242,11 @@ def test_a_multi_step_run_gives_the_rows_of_single_steps(raw_session: Any) -> No
     _fresh(raw_session, seqs, first)
     want = _single_steps(raw_session, seqs, first, 12)
     _fresh(raw_session, seqs, first)
-    status, steps, rows = raw_session.run(np.array(first, np.int32), np.ones(2, np.int32), np.array(seqs, np.int32),
-                                          np.array([12, 30], np.int32), np.zeros(2, np.uint8), 64)
+    status, steps, rows, error = raw_session.run(np.array(first, np.int32), np.ones(2, np.int32),
+                                                 np.array(seqs, np.int32), np.array([12, 30], np.int32),
+                                                 np.zeros(2, np.uint8), 64)
     # step by step, one row per sequence in order; ended by seq 0's remaining 12 tokens
-    assert (status, steps) == (0, 12) and rows == want
+    assert (status, steps, error) == (0, 12, None) and rows == want
     assert raw_session.seq_pos_max(0) == raw_session.seq_pos_max(1) == 12  # positions 0..12 decoded
 
 
@@ -261,14 +262,14 @@ def test_a_multi_step_run_ends_at_a_stop_string_at_eog_and_at_an_interrupt(llm: 
     stop = b"".join(r[3] for r in ref)[max(0, end - 3) : end].decode("utf-8", "replace")
     assert stop and "\ufffd" not in stop and stop.encode() not in b"".join(r[3] for r in ref[:6])
     _fresh(raw_session, [0], [300], stop=[stop])
-    status, steps, rows = run(64)
+    status, steps, rows, _ = run(64)
     assert (status, steps) == (0, 7) and rows == ref[:7]
 
     # every token forced to end-of-generation: a caller that stops on it gets one step, one that
     # ignores it (ignore_eos) the steps it asked for
     eos = llm.info["eos"]
     _fresh(raw_session, [0], [300], logit_bias=[(eos, 100.0)], ignore_eos=False)
-    status, steps, rows = run(64, stop_on_eog=1)
+    status, steps, rows, _ = run(64, stop_on_eog=1)
     assert (status, steps) == (0, 1) and rows[0][1] == eos and rows[0][2] is True
     _fresh(raw_session, [0], [300], logit_bias=[(eos, 100.0)], ignore_eos=False)
     assert run(5, stop_on_eog=0)[1] == 5
@@ -299,8 +300,10 @@ def test_a_request_taken_whole_runs_many_steps_per_call_and_matches_the_streamed
             assert tuple(streamed[: len(out.tokens)]) == out.tokens
         else:
             assert out.tokens == tuple(streamed)
-        # the prompt's step, then runs of several steps: far fewer calls than steps
-        assert stats.multi_step_calls - calls >= 1 and stats.steps - steps >= len(out.tokens) - 1
+        # the prompt's step, then one run of the other steps (a stop string may end a run early:
+        # the engine watches for the stop's last bytes, the scheduler for the stop in the text)
+        assert 1 <= stats.multi_step_calls - calls <= (2 if with_stop else 1)
+        assert stats.steps - steps >= len(out.tokens)
         # ... that ended where the answer did: no token decoded beyond its last but one
         assert stats.tokens_decoded - decoded == n_prompt + len(out.tokens) - 1
 

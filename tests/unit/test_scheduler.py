@@ -6,7 +6,7 @@ import pytest
 
 from pylocalai.engine.scheduler import Scheduler
 from pylocalai.engine.types import EngineRequest, Finished, FinishReason, GenerationEvent, SamplingParams, TextDelta
-from pylocalai.errors import ContextLengthError, InvalidRequestError
+from pylocalai.errors import ContextLengthError, EngineError, InvalidRequestError
 
 from .fake_session import FakeSession
 
@@ -388,6 +388,12 @@ MULTI_STEP_CASES = {
     "logprobs": (lambda: FakeSession(), {}, [("a", [5], {"max_tokens": 6, "logprobs": 1})]),
     "context full": (lambda: FakeSession(n_ctx_seq=12), {}, [("a", [1, 2, 3], {"max_tokens": 100})]),
     "context shift": (lambda: _shifting(n_ctx_seq=8), {"context_shift": True}, [("a", [1, 2, 3], {"max_tokens": 20})]),
+    "one ignores end of generation, one stops on it": (
+        lambda: FakeSession(n_seq_max=2, eog_after={0: 3, 1: 5}), {},
+        [("a", [5], {"max_tokens": 9, "ignore_eos": True}), ("b", [40], {"max_tokens": 30})]),
+    "KV cache full midway": (
+        lambda: FakeSession(n_seq_max=2, kv_capacity=24), {},
+        [("a", [5, 6], {"max_tokens": 30}), ("b", [40, 41, 42], {"max_tokens": 30})]),
     "requests of different lengths, one queued": (
         lambda: FakeSession(n_seq_max=2, eog_after={1: 4}), {},
         [("a", [5, 6], {"max_tokens": 12}), ("b", [40], {"max_tokens": 30}), ("c", [70, 71, 72], {"max_tokens": 3})]),
@@ -428,3 +434,29 @@ def test_an_interrupt_ends_a_multi_step_run_after_its_first_step() -> None:
     sched.clear_interrupt()
     sched.step(max_steps=16)
     assert sess.runs == [1, 16]
+
+
+def test_a_failure_after_a_runs_first_step_keeps_the_steps_before_it_and_fails_the_next() -> None:
+    sess = FakeSession()
+    step = sess.step
+
+    def failing(*args: object) -> tuple[int, list[object]]:
+        if len(sess.steps) == 6:
+            raise RuntimeError("decode broke")
+        return step(*args)
+
+    sess.step = failing  # type: ignore[method-assign]
+    sched = Scheduler(sess)
+    sched.submit(req("a", [5], max_tokens=40))
+    first = sched.step(max_steps=16)  # the prompt
+    ran = sched.step(max_steps=16)  # a run of five steps, then the sixth decode fails
+    assert sess.runs == [5]
+    # the five sampled tokens come out as they would have one step at a time
+    assert text_of([ev for _, evs in first + ran for ev in evs]) == "<6><7><8><9><10><11>"
+    assert sched.slot_tokens(0) == tuple(sess.kv[0])  # the mirror holds what was decoded
+    with pytest.raises(EngineError, match="decode broke"):
+        sched.step(max_steps=16)
+    # the caller (the engine thread) then ends every request with the error, as after any failed step
+    fin = finished([ev for _, evs in sched.fail_all(EngineError("x")) for ev in evs])
+    assert fin.reason is FinishReason.ERROR and fin.usage.completion_tokens == 6
+    assert sched.step(max_steps=16) == []  # and the next step has no stale error to raise

@@ -220,11 +220,17 @@ def test_a_whole_request_cancelled_midway_gets_what_it_generated_and_its_end() -
         return out
 
     sess.step = slow  # type: ignore[method-assign]
+    interrupt = sess.interrupt
+    at_interrupt: list[int] = []  # decodes begun at each interrupt (the submit's, then the cancel's)
+
+    def record() -> None:
+        at_interrupt.append(len(sess.steps))
+        interrupt()
+
+    sess.interrupt = record  # type: ignore[method-assign]
     worker = EngineWorker(Scheduler(sess))
-    at_cancel: list[int] = []
     try:
-        threading.Thread(target=lambda: (started.wait(), at_cancel.append(len(sess.steps)), worker.cancel("long")),
-                         daemon=True).start()
+        threading.Thread(target=lambda: (started.wait(), worker.cancel("long")), daemon=True).start()
         with worker.stream_sync(EngineRequest("long", (5,), SamplingParams(max_tokens=10_000)), whole=True) as events:
             got = list(events)
         assert isinstance(got[-1], Finished) and got[-1].reason is FinishReason.CANCELLED
@@ -232,6 +238,6 @@ def test_a_whole_request_cancelled_midway_gets_what_it_generated_and_its_end() -
         n = got[-1].usage.completion_tokens
         assert 2 <= n < 10_000 and text == "".join(f"<{6 + i}>" for i in range(n))
         # the cancel interrupted the multi-step run it came during: it ended after the step in progress
-        assert n <= at_cancel[0] + 1 < RUN_AHEAD and sess.runs and sum(sess.runs) == n - 1
+        assert n <= at_interrupt[-1] + 1 < RUN_AHEAD and sess.runs and sum(sess.runs) == n - 1
     finally:
         worker.close()
