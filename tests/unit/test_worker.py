@@ -241,3 +241,39 @@ def test_a_whole_request_cancelled_midway_gets_what_it_generated_and_its_end() -
         assert n <= at_interrupt[-1] + 1 < RUN_AHEAD and sess.runs and sum(sess.runs) == n - 1
     finally:
         worker.close()
+
+
+def test_leaving_a_whole_trio_request_early_interrupts_its_run_and_frees_the_slot() -> None:
+    """A server's client that goes away while its non-streamed answer is being made: leaving the
+    stream cancels the request, which ends the multi-step run after the step in progress."""
+    sess = FakeSession(n_seq_max=2, n_batch=64)
+    step = sess.step
+
+    def slow(*args: Any) -> tuple[int, list[Any]]:
+        out = step(*args)
+        time.sleep(0.005)
+        return out
+
+    sess.step = slow  # type: ignore[method-assign]
+    worker = EngineWorker(Scheduler(sess))
+    left_at: list[int] = []
+
+    async def main() -> None:
+        with trio.move_on_after(0.1):  # the client leaves
+            async with worker.stream_trio(EngineRequest("gone", (5,), SamplingParams(max_tokens=10_000)),
+                                          whole=True) as recv:
+                async for _ in recv:
+                    raise AssertionError("a whole request hands over nothing before its end")
+        left_at.append(len(sess.steps))
+
+    try:
+        trio.run(main)
+        deadline = time.monotonic() + 10
+        while worker.scheduler.active_slots and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert worker.scheduler.active_slots == 0
+        assert 5 <= left_at[0] and len(sess.steps) <= left_at[0] + 2  # not the rest of a 64-step run
+        assert sess.runs and max(sess.runs) < RUN_AHEAD
+        assert worker.scheduler.stats.finish_reasons == {"cancelled": 1}
+    finally:
+        worker.close()
