@@ -328,6 +328,32 @@ def test_concurrent_generations_share_batches_and_match_solo(llm: Llama) -> None
     assert llm.scheduler.stats.max_seqs_per_step >= 2
 
 
+def test_requests_taken_whole_beside_a_stream_match_their_solo_answers(llm: Llama) -> None:
+    # whole requests run several steps per call until a stream joins; then every step is single,
+    # and the runs resume once it ends: no answer may change with that
+    kw: dict[str, Any] = {"temperature": 0.0, "ignore_eos": True}
+    jobs = [("whole", "alpha", 48), ("stream", "beta gamma", 12), ("whole", "delta", 30)]
+    solo = [llm.complete(p, max_tokens=n, **kw).tokens for _, p, n in jobs]
+    calls = llm.scheduler.stats.multi_step_calls
+    results: dict[int, tuple[int, ...]] = {}
+
+    def work(i: int) -> None:
+        kind, prompt, n = jobs[i]
+        if kind == "stream":
+            time.sleep(0.02)  # joins while the whole requests run
+            results[i] = tuple(t for c in llm.generate(prompt, max_tokens=n, **kw) for t in c.tokens)
+        else:
+            results[i] = llm.complete(prompt, max_tokens=n, **kw).tokens
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(len(jobs))] == solo
+    assert llm.scheduler.stats.multi_step_calls > calls
+
+
 def test_decode_steps_of_one_shape_reuse_the_graph(llm: Llama) -> None:
     # llama.cpp skips rebuilding the compute graph when a step has the previous step's shape (one
     # token for each of the same sequences): the server's steady state. A step that broke it (a
